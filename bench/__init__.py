@@ -1,0 +1,1 @@
+"""onnxopt.bench: model zoo, benchmark runner and peers."""

@@ -1,0 +1,3 @@
+from onnxopt.cli import main
+
+raise SystemExit(main())

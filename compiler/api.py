@@ -1,0 +1,168 @@
+"""The library API: `onnxopt.compile(model, opt_level=2, target="cpu", **options) -> CompileResult`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt import __version__, emit, load, pipeline, report, verify
+from onnxopt.errors import CompileError
+from onnxopt.passes import registry
+
+LEVELS = (0, 1, 2, 3)
+
+
+@dataclasses.dataclass
+class CompileResult:
+    """The compiled model (`.model` as onnx.ModelProto, `.ir_model` as onnx_ir) and its report."""
+
+    ir_model: ir.Model
+    report: dict
+    source: str | None = None
+
+    @functools.cached_property
+    def model(self) -> onnx.ModelProto:
+        return ir.serde.serialize_model(self.ir_model)
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+        """Write atomically; external data when asked or when the weights exceed ~1.8 GB."""
+        return emit.save(self.ir_model, path, external_data=external_data, source=self.source)
+
+
+def _upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
+    current = model.opset_imports.get("", None)
+    if current is None:
+        raise CompileError("model has no ai.onnx opset to upgrade")
+    if opset < current:
+        raise CompileError(f"--opset {opset} is lower than the model's opset {current}; only upgrades are supported")
+    if opset == current:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(ir.serde.serialize_model(model), opset)
+    except Exception as exc:
+        raise CompileError(f"cannot upgrade the model to opset {opset}: {str(exc).strip().splitlines()[0]}") from None
+    return load.load(upgraded)
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model,
+    opt_level: int = 2,
+    target: str = "cpu",
+    *,
+    opset: int | None = None,
+    enable: Iterable[str] = (),
+    disable: Iterable[str] = (),
+    fold_initializer_inputs: bool = False,
+    verify_outputs: bool = True,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    tolerance: float = verify.DEFAULT_TOLERANCE,
+) -> CompileResult:
+    """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
+
+    Raises CompileError with a one-line message on bad input, or when verification finds that an
+    exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
+    """
+    start = time.perf_counter()
+    if opt_level not in LEVELS:
+        raise CompileError(f"optimization level must be one of 0, 1, 2, 3 (got {opt_level!r})")
+    if target not in registry.TARGETS:
+        raise CompileError(f"unknown target {target!r} (choose from {', '.join(registry.TARGETS)})")
+    flags = {"fold-initializer-inputs"} if fold_initializer_inputs else set()
+    try:
+        infos = registry.select(opt_level, target, enable=enable, disable=disable, flags=flags)
+    except KeyError as exc:
+        raise CompileError(str(exc.args[0])) from None
+
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    graph = load.load(model)
+    # The reference for verification: the untouched input (by path when we have one, so
+    # onnxruntime reads it, external data included, without another copy in Python).
+    reference = source if source is not None else ir.serde.serialize_model(graph)
+    t_load = time.perf_counter()
+
+    sig_before = verify.signature(graph)
+    ops_before = report.op_counts(graph)
+    feeds = verify.synthesize_feeds(graph, input_shapes) if verify_outputs else None
+
+    if opset is not None:
+        graph = _upgrade_opset(graph, opset)
+    records = pipeline.run(graph, infos)
+    t_passes = time.perf_counter()
+
+    sig_after = verify.signature(graph)
+    if sig_after != sig_before:
+        raise CompileError(f"internal error: the model's interface changed ({_first_difference(sig_before, sig_after)})")
+
+    verification: dict = {"enabled": verify_outputs}
+    if verify_outputs:
+        verification = _verify(reference, graph, feeds, tolerance, records)
+    t_verify = time.perf_counter()
+
+    rep = {
+        "onnxopt_version": __version__,
+        "schema_version": report.SCHEMA_VERSION,
+        "input": source or "<in-memory model>",
+        "options": {
+            "opt_level": opt_level,
+            "target": target,
+            "opset": opset,
+            "enable": sorted(enable),
+            "disable": sorted(disable),
+            "fold_initializer_inputs": fold_initializer_inputs,
+            "verify": verify_outputs,
+        },
+        "passes": records,
+        "ops_before": ops_before,
+        "ops_after": report.op_counts(graph),
+        "nodes_before": sum(ops_before.values()),
+        "nodes_after": sum(report.op_counts(graph).values()),
+        "signature": sig_after,
+        "verification": verification,
+        "time_s": {
+            "load": round(t_load - start, 4),
+            "passes": round(t_passes - t_load, 4),
+            "verify": round(t_verify - t_passes, 4),
+            "total": round(t_verify - start, 4),
+        },
+    }
+    graph.producer_name = "onnxopt"
+    graph.producer_version = __version__
+    return CompileResult(graph, rep, source)
+
+
+def _verify(reference, graph: ir.Model, feeds, tolerance: float, records: list[dict]) -> dict:
+    ref = verify.run(reference, feeds)
+    got = verify.run(graph, feeds)
+    diffs = verify.compare(ref, got, tolerance)
+    result = {
+        "enabled": True,
+        "tolerance": tolerance,
+        "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+        "outputs": [dataclasses.asdict(d) for d in diffs],
+        "max_rel": max((d.rel for d in diffs), default=0.0),
+        "ok": all(d.ok for d in diffs),
+    }
+    bad = [d for d in diffs if not d.ok]
+    if bad:
+        fired = ", ".join(r["name"] for r in records if r["fired"]) or "none"
+        d = bad[0]
+        detail = d.note or f"relative error {d.rel:.3g} > tolerance {tolerance:g}"
+        raise CompileError(f"verification failed: output {d.name!r}: {detail} (passes that fired: {fired})")
+    return result
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for kind in ("inputs", "outputs"):
+        for x, y in zip(a[kind], b[kind]):
+            if x != y:
+                return f"{kind[:-1]} {x} became {y}"
+        if len(a[kind]) != len(b[kind]):
+            return f"number of {kind} changed from {len(a[kind])} to {len(b[kind])}"
+    return "unknown"

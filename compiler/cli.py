@@ -1,0 +1,157 @@
+"""The command line: `onnxopt MODEL [-O{0,1,2,3}] [-o OUT] ...`.
+
+Exit status: 0 ok, 1 error (bad model, failed verification), 2 usage. Errors are one line on stderr,
+`onnxopt: error: ...`; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from onnxopt import __version__
+from onnxopt.errors import CompileError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line and exits 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        print(f"onnxopt: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxopt",
+        description="Optimize an ONNX model and verify the result against the original.",
+        epilog="Benchmark commands (`onnxopt bench`, `onnxopt compare`) are planned; see the README.",
+    )
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=2, metavar="{0,1,2,3}",
+                   help="optimization level (default 2): 0 canonicalize, 1 exact cleanups, "
+                        "2 portable fusions, 3 target fused kernels")
+    p.add_argument("-o", "--output", help="output file (default: <stem>.opt.onnx beside the input)")
+    p.add_argument("--target", default="cpu", choices=["cpu", "cuda", "tensorrt", "generic"],
+                   help="execution target for -O3 fused kernels (default cpu)")
+    p.add_argument("--opset", type=int, help="upgrade the model to this ai.onnx opset first")
+    p.add_argument("--report", metavar="OUT.json", help="write the compile report as JSON")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                   help="concrete shape for a dynamic input during verification (repeatable)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="verification tolerance, relative to each output's magnitude (default 1e-4)")
+    p.add_argument("--no-verify", action="store_true", help="skip running original and result in onnxruntime")
+    p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
+    p.add_argument("--fold-initializer-inputs", action="store_true",
+                   help="treat initializers that are also graph inputs as constants (changes the interface)")
+    p.add_argument("--enable", action="append", default=[], metavar="PASS", help="run this pass too")
+    p.add_argument("--disable", action="append", default=[], metavar="PASS", help="do not run this pass")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
+    return p
+
+
+def _default_output(model: str) -> Path:
+    path = Path(model)
+    return path.with_name(path.stem + ".opt.onnx")
+
+
+def _summary(rep: dict, out: Path, verbose: bool) -> str:
+    from onnxopt.report import diff_ops
+
+    lines = [f"onnxopt -O{rep['options']['opt_level']} --target {rep['options']['target']}: "
+             f"{rep['nodes_before']} -> {rep['nodes_after']} nodes, wrote {out}"]
+    changes = diff_ops(rep["ops_before"], rep["ops_after"])
+    if changes:
+        width = max(len(k) for k, _, _ in changes)
+        lines.append("  op" + " " * (width - 2) + "  before  after")
+        lines += [f"  {k:<{width}}  {b:>6}  {a:>5}" for k, b, a in changes]
+    fired = [f"{p['name']} x{p['fired']}" for p in rep["passes"] if p["fired"]]
+    lines.append("  passes fired: " + (", ".join(fired) if fired else "none"))
+    if verbose:
+        for p in rep["passes"]:
+            lines.append(f"  pass {p['name']:<28} fired {p['fired']:>4}  {p['time_s'] * 1000:8.1f} ms  "
+                         f"declined {p['declined_count']}")
+            lines += [f"      declined {d['rule']} at {d['node']} ({d['op']}): {d['reason']}" for d in p["declined"]]
+    ver = rep["verification"]
+    if ver.get("enabled"):
+        shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())
+        lines.append(f"  verified: max relative error {ver['max_rel']:.2e} (tolerance {ver['tolerance']:g}) on {shapes}")
+    else:
+        lines.append("  verification skipped (--no-verify)")
+    lines.append(f"  time: {rep['time_s']['total']:.2f} s")
+    return "\n".join(lines)
+
+
+def run_compile(args) -> int:
+    import onnxopt
+    from onnxopt import emit, verify
+
+    out = Path(args.output) if args.output else _default_output(args.model)
+    if not Path(args.model).exists():
+        raise CompileError(f"{args.model}: no such file")
+    # Check the output before doing any work: a bad -o should fail fast.
+    emit.check_output_path(out, args.model)
+    shapes = dict(verify.parse_input_shape(s) for s in args.input_shape)
+    start = time.perf_counter()
+    result = onnxopt.compile(
+        args.model,
+        opt_level=args.level,
+        target=args.target,
+        opset=args.opset,
+        enable=args.enable,
+        disable=args.disable,
+        fold_initializer_inputs=args.fold_initializer_inputs,
+        verify_outputs=not args.no_verify,
+        input_shapes=shapes,
+        tolerance=args.tolerance,
+    )
+    result.save(out, external_data=True if args.external_data else None)
+    result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
+    if args.report:
+        _write_json(Path(args.report), result.report)
+    if not args.quiet:
+        print(_summary(result.report, out, args.verbose))
+    return EXIT_OK
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from onnxopt import emit
+
+    emit.check_output_path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return run_compile(args)
+    except CompileError as exc:
+        if args.debug:
+            raise
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("onnxopt: error: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # an onnxopt bug: still one line unless --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"onnxopt: error: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Load and validate a model: path, onnx.ModelProto or onnx_ir.Model in, onnx_ir.Model out.
+
+Validation refuses, with one clear line each: a missing, empty, non-protobuf or truncated file; an
+opset newer than the installed onnx knows; a graph that is not a DAG; a tensor produced twice; a
+value used but never produced; missing external data; external data whose location is absolute or
+escapes the model's folder. External weights are memory-mapped by onnx_ir, not copied.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import networkx as nx
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxopt.errors import CompileError
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def load(model, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    """Validate `model` and return it as an onnx_ir.Model the caller may rewrite freely.
+
+    The caller's object is never modified: a ModelProto or ir.Model is copied first.
+    """
+    if isinstance(model, ir.Model):
+        proto = ir.serde.serialize_model(model)
+        return _to_ir(proto, base_dir)
+    if isinstance(model, onnx.ModelProto):
+        validate(model, base_dir)
+        return _to_ir(model, base_dir)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        proto = read_proto(path)
+        validate(proto, path.parent)
+        return _to_ir(proto, path.parent)
+    raise CompileError(f"cannot load a {type(model).__name__}: give a path, ModelProto or onnx_ir.Model")
+
+
+def read_proto(path: Path) -> onnx.ModelProto:
+    """Parse the file's protobuf without reading external data."""
+    if not path.exists():
+        raise CompileError(f"{path}: no such file")
+    if not path.is_file():
+        raise CompileError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise CompileError(f"{path}: file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise CompileError(f"{path}: not a valid ONNX protobuf file (truncated or corrupt?): {exc}") from None
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise CompileError(f"{path}: not an ONNX model (no graph or IR version; truncated or not a model?)")
+    return proto
+
+
+def validate(proto: onnx.ModelProto, base_dir) -> None:
+    _check_opsets(proto)
+    _check_graph(proto.graph, outer=frozenset())
+    _check_external_data(proto, Path(base_dir) if base_dir is not None else None)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise CompileError(f"model fails the ONNX checker: {first}") from None
+
+
+def _check_opsets(proto: onnx.ModelProto) -> None:
+    if proto.ir_version > onnx.IR_VERSION:
+        raise CompileError(
+            f"model IR version {proto.ir_version} is newer than onnx {onnx.__version__} supports "
+            f"({onnx.IR_VERSION}); upgrade onnx"
+        )
+    if not any(op.domain in _STANDARD_DOMAINS for op in proto.opset_import):
+        raise CompileError("model imports no ai.onnx opset")
+    known = onnx.defs.onnx_opset_version()
+    for op in proto.opset_import:
+        if op.domain in _STANDARD_DOMAINS and op.version > known:
+            raise CompileError(
+                f"model uses opset {op.version}, newer than the {known} that onnx {onnx.__version__} knows; "
+                "upgrade onnx"
+            )
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _check_graph(graph: onnx.GraphProto, outer: frozenset[str]) -> None:
+    """Single assignment, every use defined, no cycle; subgraphs see the outer scope."""
+    producer: dict[str, int | str] = {}
+    for v in graph.input:
+        producer[v.name] = "input"
+    for t in graph.initializer:
+        producer.setdefault(t.name, "initializer")
+    for t in graph.sparse_initializer:
+        producer.setdefault(t.values.name, "initializer")
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if not out:
+                continue
+            if out in producer:
+                raise CompileError(
+                    f"tensor {out!r} is produced twice (by node {_node_label(graph, i)} and "
+                    f"{_node_label(graph, producer[out])})"
+                )
+            producer[out] = i
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(graph.node)))
+    scope = outer | producer.keys()
+    for i, node in enumerate(graph.node):
+        used = [n for n in node.input if n]
+        for sub in _subgraphs(node):
+            used.extend(_free_names(sub))
+            _check_graph(sub, scope)
+        for name in used:
+            src = producer.get(name)
+            if src is None:
+                if name not in outer:
+                    raise CompileError(
+                        f"node {_node_label(graph, i)} uses {name!r}, which no node, input or initializer produces"
+                    )
+            elif isinstance(src, int):
+                dag.add_edge(src, i)
+    for out in graph.output:
+        if out.name not in producer and out.name not in outer:
+            raise CompileError(f"graph output {out.name!r} is never produced")
+    if not nx.is_directed_acyclic_graph(dag):
+        cycle = nx.find_cycle(dag)
+        names = " -> ".join(_node_label(graph, a) for a, _ in cycle)
+        raise CompileError(f"graph is not a DAG: cycle {names}")
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph uses from enclosing scopes."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for sub in _subgraphs(node):
+            used |= _free_names(sub)
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def _node_label(graph: onnx.GraphProto, index) -> str:
+    if not isinstance(index, int):
+        return str(index)
+    node = graph.node[index]
+    return f"{node.name or '#' + str(index)} ({node.op_type})"
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        if not location:
+            raise CompileError(f"tensor {tensor.name!r} uses external data but names no location")
+        if os.path.isabs(location) or Path(location).drive:
+            raise CompileError(f"tensor {tensor.name!r}: external data location {location!r} is absolute; refused")
+        if base_dir is None:
+            raise CompileError(
+                f"tensor {tensor.name!r} has external data {location!r} but the model was given without "
+                "a folder: load it from its path"
+            )
+        root = base_dir.resolve()
+        target = (root / location).resolve()
+        if root != target and root not in target.parents:
+            raise CompileError(
+                f"tensor {tensor.name!r}: external data location {location!r} escapes the model's folder; refused"
+            )
+        if not target.is_file():
+            raise CompileError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        size = target.stat().st_size
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length is not None else size - offset
+        if offset + length > size:
+            raise CompileError(
+                f"tensor {tensor.name!r}: external data file {location!r} is too short "
+                f"({size} bytes, needs {offset + length})"
+            )
+
+
+def _to_ir(proto: onnx.ModelProto, base_dir) -> ir.Model:
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx_ir raises several types on malformed protos
+        raise CompileError(f"cannot read the model into the IR: {exc}") from None
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, str(base_dir))
+    return model

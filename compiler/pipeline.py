@@ -1,0 +1,62 @@
+"""Run a list of registered passes over a model and record, per pass, what it did.
+
+Passes of the "cleanup" stage feed each other (folding exposes dead code and duplicates, removing a
+no-op exposes folding), so that stage is repeated until a round changes nothing; its records sum
+the rounds. Every other pass runs once; each is idempotent on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import onnx_ir as ir
+
+from onnxopt.passes import PassInfo
+from onnxopt.passes.base import MAX_DECLINED_LISTED
+
+MAX_CLEANUP_ROUNDS = 4
+
+
+def _record(info: PassInfo) -> dict:
+    return {
+        "name": info.name,
+        "level": info.level,
+        "stage": info.stage,
+        "fired": 0,
+        "modified": False,
+        "time_s": 0.0,
+        "declined_count": 0,
+        "declined": [],
+    }
+
+
+def _run_one(info: PassInfo, model: ir.Model, rec: dict) -> bool:
+    p = info.factory()
+    start = time.perf_counter()
+    result = p(model)
+    rec["time_s"] += time.perf_counter() - start
+    fired = getattr(p, "fired", int(result.modified))
+    rec["fired"] += fired
+    rec["modified"] = rec["modified"] or bool(result.modified)
+    declined = getattr(p, "declined", [])
+    # Only the last run's declines are current: earlier rounds may have declined what later fired.
+    rec["declined_count"] = len(declined)
+    rec["declined"] = [d.as_dict() for d in declined[:MAX_DECLINED_LISTED]]
+    return bool(result.modified)
+
+
+def run(model: ir.Model, infos: list[PassInfo]) -> list[dict]:
+    records = []
+    for stage, group in itertools.groupby(infos, key=lambda i: i.stage):
+        group = list(group)
+        recs = [_record(i) for i in group]
+        records.extend(recs)
+        rounds = MAX_CLEANUP_ROUNDS if stage == "cleanup" else 1
+        for _ in range(rounds):
+            changed = [_run_one(info, model, rec) for info, rec in zip(group, recs)]
+            if not any(changed):
+                break
+    for rec in records:
+        rec["time_s"] = round(rec["time_s"], 4)
+    return records

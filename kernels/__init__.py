@@ -1,0 +1,1 @@
+"""onnxopt.kernels: numpy reference math and the catalogue of fused kernels per target."""

@@ -1,0 +1,96 @@
+"""Base classes shared by all passes: accounting of fires and declined matches for the report."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer, MatchStatus
+
+# Declined matches kept per pass in the report; the rest are counted, not listed.
+MAX_DECLINED_LISTED = 50
+
+
+@dataclasses.dataclass
+class Declined:
+    rule: str
+    node: str
+    op: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class OptPass(ir.passes.InPlacePass):
+    """An in-place pass that counts how often it fired and why it declined candidates.
+
+    Subclasses implement `apply(model) -> int` (number of rewrites) and may call `decline()`.
+    """
+
+    pass_name = "unnamed"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired = 0
+        self.declined: list[Declined] = []
+
+    def decline(self, rule: str, node: ir.Node | None, reason: str) -> None:
+        self.declined.append(
+            Declined(
+                rule=rule,
+                node=(node.name or "") if node is not None else "",
+                op=node.op_type if node is not None else "",
+                reason=reason,
+            )
+        )
+
+    @abc.abstractmethod
+    def apply(self, model: ir.Model) -> int:
+        """Rewrite `model` in place; return how many rewrites were made."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.fired = 0
+        self.declined = []
+        self.fired = int(self.apply(model))
+        return ir.passes.PassResult(model, modified=self.fired > 0)
+
+
+class _DeclineRecorder(MatchingTracer):
+    """Keeps every candidate whose pattern matched but whose check refused it, with the reason."""
+
+    def __init__(self, sink: OptPass) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def log(self, rule, container, node, match_result, status) -> None:
+        if status == MatchStatus.CONDITION_FAILED:
+            self._sink.decline(rule.name or "rule", node, match_result.reason or "check failed")
+
+
+class RewritePass(OptPass):
+    """A pass made of onnxscript pattern rules, applied until none fires.
+
+    After rewriting, the rules are matched once more in tracing mode (which changes nothing) so
+    that candidates the checks refused are reported with their reasons.
+    """
+
+    max_rounds = 8
+    report_declines = True
+
+    def __init__(self, rules) -> None:
+        super().__init__()
+        self.rules = pattern.RewriteRuleSet(list(rules))
+
+    def apply(self, model: ir.Model) -> int:
+        total = 0
+        for _ in range(self.max_rounds):
+            count = self.rules.apply_to_model(model)
+            total += count
+            if not count:
+                break
+        if self.report_declines:
+            self.rules.apply_to_model(model, tracer=_DeclineRecorder(self))
+        return total
