@@ -11,6 +11,7 @@ import itertools
 import time
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from onnxopt.passes import PassInfo
 from onnxopt.passes.base import MAX_DECLINED_LISTED
@@ -31,10 +32,11 @@ def _record(info: PassInfo) -> dict:
     }
 
 
-def _run_one(info: PassInfo, model: ir.Model, rec: dict) -> bool:
+def _run_one(info: PassInfo, model: ir.Model, rec: dict, output_names: list[str]) -> bool:
     p = info.factory()
     start = time.perf_counter()
     result = p(model)
+    keep_interface(model, output_names)
     rec["time_s"] += time.perf_counter() - start
     fired = getattr(p, "fired", int(result.modified))
     rec["fired"] += fired
@@ -46,7 +48,28 @@ def _run_one(info: PassInfo, model: ir.Model, rec: dict) -> bool:
     return bool(result.modified)
 
 
+def keep_interface(model: ir.Model, output_names: list[str]) -> None:
+    """Graph output names are public API: restore them if a pass merged or renamed outputs.
+
+    A rewrite may make two outputs one value (CSE of equal outputs) or route an input straight to
+    an output; OutputFixPass inserts the Identity nodes ONNX then needs, and the original names are
+    given back, first taking a name back from any internal value that borrowed it.
+    """
+    common.OutputFixPass()(model)
+    wrong = [(v, n) for v, n in zip(model.graph.outputs, output_names) if v.name != n]
+    if not wrong:
+        return
+    taken = {n for _, n in wrong}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in taken and not value.is_graph_output():
+                value.name = f"{value.name}.internal"
+    for value, name in wrong:
+        value.name = name
+
+
 def run(model: ir.Model, infos: list[PassInfo]) -> list[dict]:
+    output_names = [v.name for v in model.graph.outputs]
     records = []
     for stage, group in itertools.groupby(infos, key=lambda i: i.stage):
         group = list(group)
@@ -54,7 +77,7 @@ def run(model: ir.Model, infos: list[PassInfo]) -> list[dict]:
         records.extend(recs)
         rounds = MAX_CLEANUP_ROUNDS if stage == "cleanup" else 1
         for _ in range(rounds):
-            changed = [_run_one(info, model, rec) for info, rec in zip(group, recs)]
+            changed = [_run_one(info, model, rec, output_names) for info, rec in zip(group, recs)]
             if not any(changed):
                 break
     for rec in records:

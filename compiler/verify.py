@@ -211,7 +211,7 @@ def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: f
     return diffs
 
 
-def signature(model: ir.Model) -> dict:
+def signature(model: ir.Model, initializer_inputs: bool = True) -> dict:
     """Names, element types and shapes of the graph inputs and outputs: the model's interface."""
 
     def describe(v: ir.Value):
@@ -219,6 +219,6 @@ def signature(model: ir.Model) -> dict:
         return {"name": v.name, "dtype": str(v.dtype), "shape": shape}
 
     return {
-        "inputs": [describe(v) for v in model.graph.inputs],
+        "inputs": [describe(v) for v in model.graph.inputs if initializer_inputs or v.const_value is None],
         "outputs": [describe(v) for v in model.graph.outputs],
     }

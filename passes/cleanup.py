@@ -40,16 +40,24 @@ from onnxopt.passes.base import OptPass, RewritePass
 from onnxopt.passes.registry import register
 
 
-def _size(model: ir.Model) -> int:
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph)) + len(model.graph.initializers)
+def _size(model: ir.Model) -> tuple[int, int]:
+    nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+    return nodes, len(model.graph.initializers)
+
+
+def _changes(model: ir.Model, step) -> int:
+    """Run `step(model) -> modified`; return its fire count: the nodes it removed, else the
+    initializers it removed, and at least 1 when it changed anything."""
+    nodes, inits = _size(model)
+    if not step(model):
+        return 0
+    nodes_after, inits_after = _size(model)
+    return max(nodes - nodes_after, inits - inits_after, 1)
 
 
 def _run(passes, model: ir.Model) -> int:
-    """Run onnx_ir passes in order; return how many nodes and initializers they removed (at least
-    1 when anything changed), as the pass's fire count."""
-    before = _size(model)
-    modified = sum(int(p(model).modified) for p in passes)
-    return max(before - _size(model), 1) if modified else 0
+    """Run onnx_ir passes in order and count their changes."""
+    return _changes(model, lambda m: sum(int(p(m).modified) for p in passes) > 0)
 
 
 @register("canonicalize", level=0, stage="canonicalize")
@@ -81,10 +89,10 @@ class FoldConstantsPass(OptPass):
     """op(constants) = constant; shape ops over static shapes become constants."""
 
     def apply(self, model: ir.Model) -> int:
-        result = fold_constants_ir(
-            model, onnx_shape_inference=False, should_fold=_not_an_overridable_input
+        return _changes(
+            model,
+            lambda m: fold_constants_ir(m, should_fold=_not_an_overridable_input).modified,
         )
-        return int(result.modified)
 
 
 class NoOpReshape(pattern.RewriteRuleClassBase):
@@ -115,6 +123,23 @@ class NoOpReshape(pattern.RewriteRuleClassBase):
         return op.Identity(x)
 
 
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx_ir's identity elimination, minus one case it gets wrong for us.
+
+    `z = Identity(y)` where both y and z are graph outputs must stay: removing it makes one value
+    two outputs, which ONNX forbids, and the pipeline would re-insert it on every run (not
+    idempotent). Likewise an output Identity of a value from an enclosing graph.
+    """
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        x, y = (node.inputs[0] if node.inputs else None), node.outputs[0]
+        if x is not None and y.is_graph_output():
+            producer = x.producer()
+            if x.is_graph_output() or (producer is not None and producer.graph is not node.graph):
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 @register("remove_noops", level=1, stage="cleanup")
 class RemoveNoOpsPass(RewritePass):
     """Identity, inference Dropout and no-op Cast/Transpose/Reshape/Expand are removed."""
@@ -139,10 +164,7 @@ class RemoveNoOpsPass(RewritePass):
         # The rules above leave Identity nodes behind; identity elimination then bypasses them
         # (keeping graph output names).
         count = super().apply(model)
-        eliminate = common.IdentityEliminationPass()
-        while eliminate(model).modified:
-            count += 1
-        return count
+        return count + _changes(model, lambda m: _IdentityElimination()(m).modified)
 
 
 @register("cse", level=1, stage="cleanup")
