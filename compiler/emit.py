@@ -37,6 +37,11 @@ def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None =
     return out
 
 
+def _check(path: Path) -> None:
+    # By path, so external data is checked in place and models over 2 GB work.
+    onnx.checker.check_model(str(path), full_check=True)
+
+
 def save(
     model: ir.Model,
     out: str | os.PathLike,
@@ -59,7 +64,7 @@ def save(
             raise CompileError(f"cannot serialize the model: {exc}") from None
         if check:
             try:
-                onnx.checker.check_model(str(staged), full_check=True)
+                _check(staged)
             except Exception as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CompileError(f"emitted model fails the ONNX checker: {first}") from None

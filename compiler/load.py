@@ -36,7 +36,7 @@ def load(model, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         proto = read_proto(path)
-        validate(proto, path.parent)
+        validate(proto, path.parent, path=path)
         return _to_ir(proto, path.parent)
     raise CompileError(f"cannot load a {type(model).__name__}: give a path, ModelProto or onnx_ir.Model")
 
@@ -58,12 +58,14 @@ def read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def validate(proto: onnx.ModelProto, base_dir) -> None:
+def validate(proto: onnx.ModelProto, base_dir, path: Path | None = None) -> None:
     _check_opsets(proto)
     _check_graph(proto.graph, outer=frozenset())
-    _check_external_data(proto, Path(base_dir) if base_dir is not None else None)
+    has_external = _check_external_data(proto, Path(base_dir) if base_dir is not None else None)
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        # Given a proto, the checker resolves external data against the working directory;
+        # given the path it uses the model's folder (and the proto itself is small then).
+        onnx.checker.check_model(str(path) if has_external and path else proto, full_check=False)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise CompileError(f"model fails the ONNX checker: {first}") from None
@@ -159,10 +161,13 @@ def _node_label(graph: onnx.GraphProto, index) -> str:
     return f"{node.name or '#' + str(index)} ({node.op_type})"
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> bool:
+    """Refuse unsafe or missing external data; return whether the model has any."""
+    found = False
     for tensor in external_data_helper._get_all_tensors(proto):
         if not external_data_helper.uses_external_data(tensor):
             continue
+        found = True
         info = external_data_helper.ExternalDataInfo(tensor)
         location = info.location
         if not location:
@@ -190,6 +195,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
                 f"tensor {tensor.name!r}: external data file {location!r} is too short "
                 f"({size} bytes, needs {offset + length})"
             )
+    return found
 
 
 def _to_ir(proto: onnx.ModelProto, base_dir) -> ir.Model:
