@@ -35,7 +35,24 @@ class PassInfo:
     targets: frozenset[str] = frozenset(TARGETS)
     # A lossy pass runs only when its flag is given (e.g. "int8"), whatever the level.
     flag: str | None = None
+    # Position within the stage (lower runs first); see ORDER_GUIDE.
+    order: int = 50
     doc: str = ""
+
+
+# Order within the "fusion" stage. Patterns that others build on come first: BN and bias folding
+# make the Conv/Gemm shapes, LayerNorm and GELU recognition make the ops that residual + LayerNorm,
+# BiasGelu and attention then match; attention runs before the merged-QKV fallback so that QKV
+# merging only sees the blocks attention declined.
+ORDER_GUIDE = {
+    "fold_batchnorm": 10,
+    "fold_bias": 20,
+    "layernorm": 30,
+    "gelu": 40,
+    "attention": 50,
+    "merge_qkv": 60,
+    "skip_layernorm": 70,
+}
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -48,6 +65,7 @@ def register(
     stage: str,
     targets: Iterable[str] = TARGETS,
     flag: str | None = None,
+    order: int = 50,
 ):
     """Class decorator registering a pass (the class is its own factory)."""
     if stage not in STAGES:
@@ -64,6 +82,7 @@ def register(
             factory=cls,
             targets=frozenset(targets),
             flag=flag,
+            order=order,
             doc=doc[0] if doc else "",
         )
         cls.pass_name = name
@@ -73,7 +92,7 @@ def register(
 
 
 def all_passes() -> list[PassInfo]:
-    return sorted(_REGISTRY.values(), key=lambda p: STAGES.index(p.stage))
+    return sorted(_REGISTRY.values(), key=lambda p: (STAGES.index(p.stage), p.order))
 
 
 def get(name: str) -> PassInfo:

@@ -1,0 +1,97 @@
+"""Which fused kernels each target has, with their contracts and numpy references.
+
+Targets: "cpu" and "cuda" are onnxruntime execution providers and have the com.microsoft contrib
+kernels below; "tensorrt" and "generic" take standard ONNX ops only, so -O3 for them adds no
+contrib op. Each entry names a numpy reference implementation ("module:function" inside
+onnxopt.kernels), used as the test oracle for what onnxopt emits and checked against onnxruntime's
+own kernel in the tests.
+
+This module is data; it imports nothing but the standard library and, lazily, the references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+ORT_TARGETS = frozenset({"cpu", "cuda"})
+STANDARD_ONLY_TARGETS = frozenset({"tensorrt", "generic"})
+MS = "com.microsoft"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    op: str
+    domain: str
+    # target -> element types the kernel runs in (numpy dtype names)
+    dtypes: dict
+    contract: str
+    reference: str  # "module:function" in onnxopt.kernels
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset(self.dtypes)
+
+
+_F32 = ("float32",)
+_F32_F16 = ("float32", "float16")
+
+
+def _ort(cpu=_F32, cuda=_F32_F16) -> dict:
+    return {"cpu": cpu, "cuda": cuda}
+
+
+CATALOGUE: dict[tuple[str, str], Kernel] = {
+    (k.domain, k.op): k
+    for k in [
+        Kernel("SkipLayerNormalization", MS, _ort(),
+               "(input, skip, gamma, beta?, bias?) -> (output, mean?, inv_std_var?, input_skip_bias_sum?); "
+               "attr epsilon; normalizes input + skip + bias over the last axis",
+               "norms:skip_layer_normalization"),
+        Kernel("SkipSimplifiedLayerNormalization", MS, _ort(),
+               "(input, skip, gamma, bias?) -> (output, mean?, inv_std_var?, input_skip_bias_sum?); "
+               "attr epsilon; RMSNorm of input + skip + bias over the last axis",
+               "norms:skip_simplified_layer_normalization"),
+        Kernel("SimplifiedLayerNormalization", "", _ort(),
+               "(X, scale) -> (Y, inv_std_var?); attrs axis=-1, epsilon; RMSNorm (onnxruntime registers it "
+               "in the ai.onnx domain as a contrib op)",
+               "norms:simplified_layer_normalization"),
+        Kernel("Gelu", MS, _ort(), "(X) -> Y; exact erf GELU", "activations:gelu"),
+        Kernel("BiasGelu", MS, _ort(), "(A, B) -> C; C = Gelu(A + B), B 1-D over the last axis",
+               "activations:bias_gelu"),
+        Kernel("FastGelu", MS, _ort(), "(X, bias?) -> Y; tanh-approximated GELU of X + bias",
+               "activations:fast_gelu"),
+        Kernel("FusedMatMul", MS, _ort(),
+               "(A, B) -> Y; attrs alpha, transA, transB, transBatchA, transBatchB; Y = alpha * A' @ B'",
+               "attention:fused_matmul"),
+        Kernel("Attention", MS, _ort(),
+               "(input, weights, bias?, mask_index?, past?, attention_bias?) -> (output, present?); "
+               "attrs num_heads, scale, unidirectional, qkv_hidden_sizes, mask_filter_value; packed QKV "
+               "projection + scaled dot-product attention",
+               "attention:attention"),
+        Kernel("MultiHeadAttention", MS, _ort(),
+               "(query, key?, value?, bias?, key_padding_mask?, attention_bias?, past_key?, past_value?) -> "
+               "(output, present_key?, present_value?); attrs num_heads, scale, unidirectional, "
+               "mask_filter_value; projected Q/K/V in, attention out",
+               "attention:multi_head_attention"),
+    ]
+}
+
+
+def kernel(op: str, domain: str = MS) -> Kernel | None:
+    return CATALOGUE.get((domain, op))
+
+
+def has_kernel(target: str, op: str, domain: str = MS, dtype: str = "float32") -> bool:
+    """Whether `target` runs the fused kernel `domain.op` in `dtype`."""
+    k = kernel(op, domain)
+    return k is not None and dtype in k.dtypes.get(target, ())
+
+
+def reference(op: str, domain: str = MS):
+    """The numpy reference implementation of a catalogued kernel."""
+    k = kernel(op, domain)
+    if k is None:
+        raise KeyError(f"{domain}.{op} is not in the kernel catalogue")
+    module, _, function = k.reference.partition(":")
+    return getattr(importlib.import_module(f"onnxopt.kernels.{module}"), function)
