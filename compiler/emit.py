@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from onnxopt import weights
 from onnxopt.errors import CompileError
 
 # protobuf cannot serialize a message over 2 GiB; stay clear of it.
@@ -37,9 +38,9 @@ def check_output_path(out: str | os.PathLike, source: str | os.PathLike | None =
     return out
 
 
-def _check(path: Path) -> None:
-    # By path, so external data is checked in place and models over 2 GB work.
-    onnx.checker.check_model(str(path), full_check=True)
+def _check(model: ir.Model) -> None:
+    # On the skeleton: fast, and works for models over 2 GB.
+    weights.check(model, full_check=True)
 
 
 def save(
@@ -55,19 +56,22 @@ def save(
     if external_data is None:
         external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = out.name + ".data" if external_data else None
+    if check:
+        try:
+            _check(model)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompileError(f"emitted model fails the ONNX checker: {first}") from None
     tmp = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=out.parent))
     try:
         staged = tmp / out.name
         try:
-            ir.save(model, staged, external_data=data_name)
+            if data_name:
+                ir.save(model, staged, external_data=data_name)
+            else:
+                weights.write(model, staged)
         except Exception as exc:
             raise CompileError(f"cannot serialize the model: {exc}") from None
-        if check:
-            try:
-                _check(staged)
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CompileError(f"emitted model fails the ONNX checker: {first}") from None
         if data_name:
             os.replace(tmp / data_name, out.parent / data_name)
         os.replace(staged, out)

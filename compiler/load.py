@@ -17,6 +17,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from onnxopt import weights, wire
 from onnxopt.errors import CompileError
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
@@ -29,20 +30,21 @@ def load(model, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
     """
     if isinstance(model, ir.Model):
         proto = ir.serde.serialize_model(model)
-        return _to_ir(proto, base_dir)
+        validate(proto, base_dir)
+        return _checked(_to_ir(proto, base_dir))
     if isinstance(model, onnx.ModelProto):
         validate(model, base_dir)
-        return _to_ir(model, base_dir)
+        return _checked(_to_ir(model, base_dir))
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         proto = read_proto(path)
-        validate(proto, path.parent, path=path)
-        return _to_ir(proto, path.parent)
+        validate(proto, path.parent)
+        return _checked(_to_ir(proto, path.parent))
     raise CompileError(f"cannot load a {type(model).__name__}: give a path, ModelProto or onnx_ir.Model")
 
 
 def read_proto(path: Path) -> onnx.ModelProto:
-    """Parse the file's protobuf without reading external data."""
+    """Parse the file's protobuf, leaving large weights in the file as external references."""
     if not path.exists():
         raise CompileError(f"{path}: no such file")
     if not path.is_file():
@@ -50,7 +52,8 @@ def read_proto(path: Path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise CompileError(f"{path}: file is empty")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        # Weights stay in the file (memory-mapped on use): see compiler/wire.py.
+        proto = wire.load_mapped(path)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise CompileError(f"{path}: not a valid ONNX protobuf file (truncated or corrupt?): {exc}") from None
     if not proto.HasField("graph") or proto.ir_version == 0:
@@ -58,17 +61,21 @@ def read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def validate(proto: onnx.ModelProto, base_dir, path: Path | None = None) -> None:
+def validate(proto: onnx.ModelProto, base_dir) -> None:
+    """Structural checks on the proto; the ONNX checker runs on the IR afterwards (`_checked`)."""
     _check_opsets(proto)
     _check_graph(proto.graph, outer=frozenset())
-    has_external = _check_external_data(proto, Path(base_dir) if base_dir is not None else None)
+    _check_external_data(proto, Path(base_dir) if base_dir is not None else None)
+
+
+def _checked(model: ir.Model) -> ir.Model:
     try:
-        # Given a proto, the checker resolves external data against the working directory;
-        # given the path it uses the model's folder (and the proto itself is small then).
-        onnx.checker.check_model(str(path) if has_external and path else proto, full_check=False)
+        # On the skeleton: checking the proto itself would serialize every weight again.
+        weights.check(model, full_check=False)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise CompileError(f"model fails the ONNX checker: {first}") from None
+    return model
 
 
 def _check_opsets(proto: onnx.ModelProto) -> None:
@@ -161,13 +168,11 @@ def _node_label(graph: onnx.GraphProto, index) -> str:
     return f"{node.name or '#' + str(index)} ({node.op_type})"
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> bool:
-    """Refuse unsafe or missing external data; return whether the model has any."""
-    found = False
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+    """Refuse unsafe or missing external data."""
     for tensor in external_data_helper._get_all_tensors(proto):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        found = True
         info = external_data_helper.ExternalDataInfo(tensor)
         location = info.location
         if not location:
@@ -195,7 +200,6 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> bool:
                 f"tensor {tensor.name!r}: external data file {location!r} is too short "
                 f"({size} bytes, needs {offset + length})"
             )
-    return found
 
 
 def _to_ir(proto: onnx.ModelProto, base_dir) -> ir.Model:

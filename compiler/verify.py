@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxopt import weights
 from onnxopt.errors import CompileError
 
 DEFAULT_BATCH = 1
@@ -140,21 +140,13 @@ def session(model: onnx.ModelProto | ir.Model | str | os.PathLike, providers=("C
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    # Verification runs once: pre-packing weights would only add a copy and startup time.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), options, providers=list(providers))
     if isinstance(model, ir.Model):
-        if _has_external(model):
-            # onnxruntime reads external data from files only: stage a copy.
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                ir.save(model, path, external_data="model.onnx.data")
-                return ort.InferenceSession(path, options, providers=list(providers))
-        model = ir.serde.serialize_model(model)
+        return weights.session(model, options, providers)
     return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
-
-
-def _has_external(model: ir.Model) -> bool:
-    return any(isinstance(t.const_value, ir.ExternalTensor) for t in model.graph.initializers.values())
 
 
 def run(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

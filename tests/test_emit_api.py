@@ -84,7 +84,7 @@ def test_large_models_get_external_data_automatically(tmp_path, monkeypatch):
 
 
 def test_failed_emit_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken_checker(path):
+    def broken_checker(model):
         raise onnx.checker.ValidationError("simulated checker failure")
 
     monkeypatch.setattr(emit, "_check", broken_checker)
