@@ -125,7 +125,8 @@ def write(model: ir.Model, path: str | os.PathLike) -> None:
         header.CopyFrom(tp)
         header.ClearField("external_data")
         header.ClearField("data_location")
-        data = memoryview(array(by_name[tp.name])).cast("B")
+        # A byte view works for every dtype (memoryview cannot cast ml_dtypes' bfloat16 etc.).
+        data = memoryview(array(by_name[tp.name]).reshape(-1).view(np.uint8))
         head = header.SerializeToString() + bytes([_TAG_TENSOR_RAW_DATA]) + _varint(len(data))
         entries.append((head, data))
     graph_len = sum(1 + len(_varint(len(h) + len(d))) + len(h) + len(d) for h, d in entries)
