@@ -215,3 +215,33 @@ def test_report_records_every_pass():
     assert names[0] == "canonicalize" and "fold_constants" in names and names[-1] == "canonicalize_final"
     assert rep["ops_before"] == {"Identity": 1, "Relu": 1} and rep["ops_after"] == {"Relu": 1}
     assert rep["verification"]["ok"] and rep["verification"]["max_rel"] == 0.0
+
+
+def test_loop_body_with_outer_scope_reference_is_kept_intact():
+    m = parse(HEADER + """
+    g (float[2] x) => (float[2] y) {
+        n = Constant <value = int64 {3}> ()
+        c = Constant <value = bool {1}> ()
+        k = Constant <value = float[2] {0.5, 0.25}> ()
+        y = Loop (n, c, x) <body = b (int64 i, bool cond, float[2] acc) => (bool cond_out, float[2] acc_out) {
+            cond_out = Identity(cond)
+            t = Identity(acc)
+            acc_out = Add(t, k)
+        }>
+    }""")
+    out = assert_rewrite(1, m, feeds={"x": np.array([1.0, 2.0], np.float32)})
+    assert op_counts(out)["Loop"] == 1 and op_counts(out)["Add"] == 1
+
+
+def test_unused_local_functions_are_removed_and_used_ones_kept():
+    m = parse("""<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    g (float[2] x) => (float[2] y) {
+        y = local.Double(x)
+    }
+    <domain: "local", opset_import: ["" : 17]>
+    Double (a) => (b) { b = Add(a, a) }
+    <domain: "local", opset_import: ["" : 17]>
+    Unused (a) => (b) { b = Neg(a) }
+    """)
+    out = assert_rewrite(1, m, feeds={"x": np.array([1.0, -2.0], np.float32)})
+    assert [f.name for f in out.functions] == ["Double"]
