@@ -29,9 +29,11 @@ def load(model, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
     The caller's object is never modified: a ModelProto or ir.Model is copied first.
     """
     if isinstance(model, ir.Model):
-        proto = ir.serde.serialize_model(model)
-        validate(proto, base_dir)
-        return _checked(_to_ir(proto, base_dir))
+        # Validate the weightless skeleton; the copy shares tensors (they are immutable).
+        proto, _ = weights.skeleton(model)
+        _check_opsets(proto)
+        _check_graph(proto.graph, outer=frozenset())
+        return _checked(model.clone())
     if isinstance(model, onnx.ModelProto):
         validate(model, base_dir)
         return _checked(_to_ir(model, base_dir))
