@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, emit, load, pipeline, report, verify
+from onnxopt import __version__, emit, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.passes import registry
 
@@ -37,6 +37,8 @@ class CompileResult:
 
 
 def _upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
+    """Upgrade with onnx's version converter, run on the weightless skeleton; weights reattach by
+    name (the converter rewrites nodes, not initializers)."""
     current = model.opset_imports.get("", None)
     if current is None:
         raise CompileError("model has no ai.onnx opset to upgrade")
@@ -44,11 +46,15 @@ def _upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
         raise CompileError(f"--opset {opset} is lower than the model's opset {current}; only upgrades are supported")
     if opset == current:
         return model
+    proto, moved = weights.skeleton(model)
     try:
-        upgraded = onnx.version_converter.convert_version(ir.serde.serialize_model(model), opset)
+        upgraded = onnx.version_converter.convert_version(proto, opset)
     except Exception as exc:
         raise CompileError(f"cannot upgrade the model to opset {opset}: {str(exc).strip().splitlines()[0]}") from None
-    return load.load(upgraded)
+    result = ir.serde.deserialize_model(upgraded)
+    for name, tensor in moved:
+        result.graph.initializers[name].const_value = tensor
+    return result
 
 
 def compile(  # noqa: A001 - the public name users expect

@@ -61,6 +61,8 @@ CATALOGUE: dict[tuple[str, str], Kernel] = {
                "activations:bias_gelu"),
         Kernel("FastGelu", MS, _ort(), "(X, bias?) -> Y; tanh-approximated GELU of X + bias",
                "activations:fast_gelu"),
+        Kernel("QuickGelu", MS, _ort(), "(X) -> Y; attr alpha (default 1.702); Y = X * sigmoid(alpha * X)",
+               "activations:quick_gelu"),
         Kernel("FusedMatMul", MS, _ort(),
                "(A, B) -> Y; attrs alpha, transA, transB, transBatchA, transBatchB; Y = alpha * A' @ B'",
                "attention:fused_matmul"),

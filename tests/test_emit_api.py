@@ -105,3 +105,13 @@ def test_opset_upgrade_is_verified():
     result = onnxopt.compile(_weighted_model(), opt_level=1, opset=18)
     assert {o.domain: o.version for o in result.model.opset_import}[""] == 18
     assert result.report["verification"]["ok"]
+
+
+def test_opset_upgrade_of_a_model_loaded_from_its_path(tmp_path):
+    """Weights stay memory-mapped in the input file; the upgrade must keep them attached."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_weighted_model(), str(src))
+    result = onnxopt.compile(src, opt_level=1, opset=18)
+    assert result.report["verification"]["ok"]
+    result.save(tmp_path / "out.onnx")
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
