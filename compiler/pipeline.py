@@ -82,4 +82,6 @@ def run(model: ir.Model, infos: list[PassInfo]) -> list[dict]:
                 break
     for rec in records:
         rec["time_s"] = round(rec["time_s"], 4)
+        # Candidates the pass looked at: those it rewrote plus those it declined (with reasons).
+        rec["matched"] = rec["fired"] + rec["declined_count"]
     return records

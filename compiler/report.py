@@ -2,7 +2,11 @@
 
 Schema (version 1):
   onnxopt_version, schema_version, input, options
-  passes: [{name, level, stage, fired, modified, time_s, declined_count, declined: [{rule, node, op, reason}]}]
+  passes: [{name, level, stage, fired, modified, time_s, declined_count, matched,
+            declined: [{rule, node, op, reason}]}]
+          fired = rewrites made; declined = candidates refused, each with a reason (at most 50 listed,
+          declined_count counts all); matched = fired + declined_count. Exact cleanups (-O1) count
+          changes but list no declines: every Cast or Reshape would be a candidate.
   ops_before / ops_after: {op_type: count} (domain-qualified when not ai.onnx), nodes_before/after
   signature: graph inputs and outputs (names, types, shapes), which a compile never changes
   verification: {enabled, tolerance, input_shapes, outputs: [{name, max_abs, rel, ok, note}], max_rel, ok}

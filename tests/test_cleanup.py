@@ -215,6 +215,8 @@ def test_report_records_every_pass():
     assert names[0] == "canonicalize" and "fold_constants" in names and names[-1] == "canonicalize_final"
     assert rep["ops_before"] == {"Identity": 1, "Relu": 1} and rep["ops_after"] == {"Relu": 1}
     assert rep["verification"]["ok"] and rep["verification"]["max_rel"] == 0.0
+    for p in rep["passes"]:
+        assert p["matched"] == p["fired"] + p["declined_count"]
 
 
 def test_loop_body_with_outer_scope_reference_is_kept_intact():
