@@ -40,8 +40,10 @@ def load(model, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         proto = read_proto(path)
-        validate(proto, path.parent)
-        return _checked(_to_ir(proto, path.parent))
+        # Relative external data resolves against the real file's folder (symlinks followed).
+        folder = path.resolve().parent
+        validate(proto, folder)
+        return _checked(_to_ir(proto, folder))
     raise CompileError(f"cannot load a {type(model).__name__}: give a path, ModelProto or onnx_ir.Model")
 
 
@@ -53,9 +55,14 @@ def read_proto(path: Path) -> onnx.ModelProto:
         raise CompileError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise CompileError(f"{path}: file is empty")
+    real = path.resolve()
     try:
-        # Weights stay in the file (memory-mapped on use): see compiler/wire.py.
-        proto = wire.load_mapped(path)
+        if real.stat().st_nlink > 1:
+            # onnx_ir refuses to map hard-linked files (a guard against link attacks): parse it all.
+            proto = onnx.load(str(real), load_external_data=False)
+        else:
+            # Weights stay in the file (memory-mapped on use): see compiler/wire.py.
+            proto = wire.load_mapped(real)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise CompileError(f"{path}: not a valid ONNX protobuf file (truncated or corrupt?): {exc}") from None
     if not proto.HasField("graph") or proto.ir_version == 0:

@@ -99,3 +99,21 @@ def test_model_over_2gb_with_external_data(tmp_path):
     assert out.stat().st_size < 10_000
     onnx.checker.check_model(str(out), full_check=True)
     assert result.report["ops_after"] == {"Gather": 1}
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_models_reached_through_links(tmp_path, link):
+    arrays = {"big": np.arange(4096, dtype=np.float32)}
+    real = tmp_path / "real" / "m.onnx"
+    real.parent.mkdir()
+    onnx.save(_identity_model(arrays), str(real))
+    linked = tmp_path / "linked.onnx"
+    if link == "symlink":
+        linked.symlink_to(real)
+    else:
+        linked.hardlink_to(real)
+    result = onnxopt.compile(linked, opt_level=1)
+    assert result.report["verification"]["ok"]
+    out = result.save(tmp_path / "out.onnx")
+    got = numpy_helper.to_array(onnx.load(str(out)).graph.initializer[0])
+    np.testing.assert_array_equal(got, arrays["big"])
