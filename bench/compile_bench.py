@@ -1,7 +1,8 @@
 """Compile-time, peak-memory and node-count benchmark: onnxopt beside onnxsim, onnxoptimizer and
 onnxruntime's transformer optimizer, on the same model in the same run.
 
-Each measurement runs in a fresh subprocess so peak memory is that tool's alone:
+Each measurement runs in a fresh subprocess so peak memory is that tool's alone (the tools and the
+subprocess runner live in onnxopt.bench.peers, shared with `onnxopt bench --peers`):
   time_s     wall time of load + optimize + save (imports excluded), median of --repeat runs
   extra_mb   peak RSS during the job minus RSS just before it started (imports excluded)
   nodes      node count of the tool's output
@@ -16,27 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 TOOLS = ("onnxopt-O1", "onnxopt-O3", "onnxopt-O3-noverify", "onnxsim", "onnxoptimizer", "ort-transformer-optimizer")
-
-# Head/hidden sizes onnxruntime's transformer optimizer must be told (it cannot infer them).
-ORT_MODEL_ARGS = {"bert": ("bert", 12, 768), "minilm": ("bert", 12, 384), "vit": ("vit", 12, 768), "gpt2": ("gpt2", 12, 768)}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _count_nodes(path: str) -> int:
@@ -45,75 +30,25 @@ def _count_nodes(path: str) -> int:
     return len(onnx.load(path, load_external_data=False).graph.node)
 
 
-def _job(tool: str, model: str, out: str, model_name: str) -> None:
-    """Runs in the subprocess: import the tool, then time and measure one compile."""
-    import onnx
+def measure(tool: str, model: Path, hints: dict | None, repeat: int) -> dict:
+    """One tool on one model, each run in a fresh process (onnxopt.bench.peers holds the tools)."""
+    from onnxopt.bench import peers
 
-    if tool.startswith("onnxopt"):
-        import onnxopt
-
-        level = 1 if tool == "onnxopt-O1" else 3
-
-        def work():
-            onnxopt.compile(model, opt_level=level, verify_outputs="noverify" not in tool).save(out)
-    elif tool == "onnxsim":
-        import onnxsim
-
-        def work():
-            simplified, ok = onnxsim.simplify(onnx.load(model))
-            onnx.save(simplified, out)
-    elif tool == "onnxoptimizer":
-        import onnxoptimizer
-
-        def work():
-            onnx.save(onnxoptimizer.optimize(onnx.load(model)), out)
-    elif tool == "ort-transformer-optimizer":
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        kind, heads, hidden = ORT_MODEL_ARGS.get(model_name, ("bert", 12, 768))
-
-        def work():
-            optimize_model(model, model_type=kind, num_heads=heads, hidden_size=hidden).save_model_to_file(out)
-    else:
-        raise SystemExit(f"unknown tool {tool}")
-
-    base = _rss_mb()
-    start = time.perf_counter()
-    work()
-    elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"time_s": elapsed, "extra_mb": max(peak - base, 0.0), "nodes": _count_nodes(out)}))
-
-
-def measure(tool: str, model: Path, model_name: str, repeat: int) -> dict:
-    runs = []
+    info = peers.TOOLS.get(tool)
+    if info is None:
+        return {"tool": tool, "skipped": f"unknown tool (known: {', '.join(peers.TOOLS)})"}
+    reason = peers.missing_requirement(info)
+    if reason is None and info.needs_hints and hints is None:
+        reason = "cannot infer model type, heads and hidden size from the graph"
+    if reason is not None:
+        return {"tool": tool, "skipped": reason}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeat):
-            out = os.path.join(tmp, f"{tool}.onnx")
-            proc = subprocess.run(
-                [sys.executable, "-m", "onnxopt.bench.compile_bench", "--job", tool, str(model), out, model_name],
-                capture_output=True, text=True,
-            )
-            if proc.returncode != 0:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                return {"tool": tool, "skipped": reason}
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return {
-        "tool": tool,
-        "time_s": statistics.median(r["time_s"] for r in runs),
-        "time_runs": [round(r["time_s"], 3) for r in runs],
-        "extra_mb": statistics.median(r["extra_mb"] for r in runs),
-        "nodes": runs[-1]["nodes"],
-    }
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
+        out = os.path.join(tmp, f"{tool}.onnx")
+        r = peers.compile_in_subprocess(tool, model, out, {"hints": hints, "target": "cpu"}, repeat=repeat)
+        if r["status"] != "ok":
+            return {"tool": tool, "skipped": r["reason"]}
+        return {"tool": tool, "time_s": r["time_s"], "time_runs": r["time_runs_s"], "extra_mb": r["peak_mb"],
+                "nodes": _count_nodes(out)}
 
 
 def render(result: dict) -> str:
@@ -137,9 +72,6 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--job":
-        _job(*argv[1:5])
-        return 0
     p = argparse.ArgumentParser(prog="python -m onnxopt.bench.compile_bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bert")
     p.add_argument("--size", default="base")
@@ -150,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
 
-    from onnxopt.bench import zoo
+    from onnxopt import load
+    from onnxopt.bench import peers, zoo
+    from onnxopt.bench.fingerprint import machine
 
     model = zoo.build(args.model, size=args.size, exporter=args.exporter, opset=args.opset)
+    hints, _ = peers.transformer_hints(load.load(model))
     result = {
         "model": f"{args.model}-{args.size} ({args.exporter}, opset {args.opset})",
         "model_mb": model.stat().st_size / 2**20,
@@ -162,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "tools": [],
     }
     for tool in args.tools.split(","):
-        r = measure(tool, model, args.model, args.repeat)
+        r = measure(tool, model, hints, args.repeat)
         print(json.dumps(r), flush=True)
         result["tools"].append(r)
     out = Path(args.out)

@@ -12,8 +12,8 @@ we report medians over all timed runs, p90, and each variant's ratio to the orig
 from __future__ import annotations
 
 import argparse
+import os
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,25 +21,48 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-# onnxruntime's transformer optimizer needs the model type, heads and hidden size spelled out.
-ORT_OPTIMIZER_ARGS = {
-    ("bert", "base"): ("bert", 12, 768), ("bert", "tiny"): ("bert", 4, 64),
-    ("vit", "base"): ("vit", 12, 768), ("vit", "tiny"): ("vit", 4, 64),
-    ("gpt2", "base"): ("gpt2", 12, 768), ("gpt2", "tiny"): ("gpt2", 4, 64),
-    ("minilm", "real"): ("bert", 12, 384),
-}
 
-
-def session(path: str | Path, threads: int) -> ort.InferenceSession:
+def session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider",
+            opt_level: str = "ORT_ENABLE_ALL", provider_options: dict | None = None) -> ort.InferenceSession:
+    """A session as users run one: `opt_level` graph optimizations (default all), `threads` intra-op
+    threads (0: onnxruntime's default), CPU behind a non-CPU provider for the nodes it does not take."""
     options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt_level)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.log_severity_level = 3
+    providers: list = [(provider, provider_options or {})]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def summarize(times_ms, per_round: int) -> dict:
+    """Latency statistics (ms) of timed runs given in order, `per_round` runs to a round.
+
+    round_medians: the median of each round. round_spread: their max - min, the worst drift during
+    the measurement. noise_pct: their interquartile range relative to p50, the typical drift.
+    """
+    t = np.asarray(list(times_ms), dtype=np.float64)
+    q25, p50, q75, p90, p99 = np.percentile(t, [25, 50, 75, 90, 99])
+    per_round = max(1, per_round)
+    rounds = [float(np.median(t[i:i + per_round])) for i in range(0, len(t), per_round)]
+    r25, r75 = np.percentile(rounds, [25, 75])
+    out = {
+        "mean": float(t.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+        "min": float(t.min()), "max": float(t.max()),
+        "stdev": float(t.std(ddof=1)) if len(t) > 1 else 0.0, "iqr": float(q75 - q25),
+        "round_spread": float(np.ptp(rounds)), "noise_pct": 100.0 * float(r75 - r25) / float(p50) if p50 > 0 else 0.0,
+    }
+    out = {k: round(v, 4) for k, v in out.items()}
+    out.update(rounds=len(rounds), runs=int(len(t)), round_medians=[round(r, 4) for r in rounds])
+    return out
 
 
 def alternating(sessions: dict[str, ort.InferenceSession], feeds: dict, rounds: int, per_round: int,
-                warmup: int) -> dict[str, dict]:
-    """Median / p90 latency (ms) per variant; rounds alternate variants in rotating order."""
+                warmup: int, progress=None) -> dict[str, dict]:
+    """Latency statistics per variant (see `summarize`); rounds alternate variants in rotating order,
+    so machine drift hits every variant alike. `progress(n)` is called after each round of a variant."""
     names = list(sessions)
     for name in names:
         for _ in range(warmup):
@@ -53,34 +76,30 @@ def alternating(sessions: dict[str, ort.InferenceSession], feeds: dict, rounds: 
                 start = time.perf_counter()
                 sess.run(None, feeds)
                 times[name].append((time.perf_counter() - start) * 1000)
-    return {
-        n: {
-            "median_ms": statistics.median(t),
-            "p90_ms": float(np.percentile(t, 90)),
-            "min_ms": min(t),
-            # spread of the per-round medians: how much the machine drifted during the run
-            "round_spread_ms": float(np.ptp([statistics.median(t[i:i + per_round]) for i in range(0, len(t), per_round)])),
-            "runs": len(t),
-        }
-        for n, t in times.items()
-    }
+            if progress is not None:
+                progress(1)
+    return {n: summarize(t, per_round) for n, t in times.items()}
 
 
 def variants(name: str, size: str, tmp: Path) -> dict[str, Path]:
+    """original, onnxopt -O3 and (for transformers) onnxruntime's transformer optimizer, built in process."""
     import onnxopt
-    from onnxopt.bench import zoo
+    from onnxopt import load
+    from onnxopt.bench import peers, zoo
 
     original = zoo.build(name, size=size, opset=14 if name != "resnet" else 13)
     out = {"original": original}
     result = onnxopt.compile(original, opt_level=3, target="cpu")
     out["onnxopt -O3"] = result.save(tmp / f"{name}.O3.onnx")
-    key = (name, size if name != "minilm" else "real")
-    if key in ORT_OPTIMIZER_ARGS:
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        kind, heads, hidden = ORT_OPTIMIZER_ARGS[key]
-        optimize_model(str(original), model_type=kind, num_heads=heads, hidden_size=hidden).save_model_to_file(
-            str(tmp / f"{name}.ortopt.onnx"))
+    hints, _ = peers.transformer_hints(load.load(original))
+    if hints is not None:
+        # The optimizer writes scratch files (symbolic shape inference) into the working directory.
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            peers.TOOLS["ort-transformer-optimizer"].build(str(original), str(tmp / f"{name}.ortopt.onnx"), {"hints": hints})
+        finally:
+            os.chdir(cwd)
         out["ort transformer optimizer"] = tmp / f"{name}.ortopt.onnx"
     return out
 
@@ -90,20 +109,20 @@ def render(results: list[dict], machine: dict) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {ort.__version__}, CPU EP, "
         f"{results[0]['threads'] if results else '?'} threads, default session optimizations for every variant.",
         "",
-        "| model | variant | median ms | p90 ms | ratio to original | round spread ms |",
+        "| model | variant | p50 ms | p90 ms | ratio to original | round spread ms |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for res in results:
-        base = res["latency"]["original"]["median_ms"]
+        base = res["latency"]["original"]["p50"]
         for variant, lat in res["latency"].items():
-            lines.append(f"| {res['model']} | {variant} | {lat['median_ms']:.2f} | {lat['p90_ms']:.2f} | "
-                         f"{lat['median_ms'] / base:.3f} | {lat['round_spread_ms']:.2f} |")
+            lines.append(f"| {res['model']} | {variant} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+                         f"{lat['p50'] / base:.3f} | {lat['round_spread']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     from onnxopt.bench import zoo
-    from onnxopt.bench.compile_bench import machine
+    from onnxopt.bench.fingerprint import machine
 
     p = argparse.ArgumentParser(prog="python -m onnxopt.bench.latency", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="bert,vit,resnet,mobilenetv2")

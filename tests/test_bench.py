@@ -1,0 +1,193 @@
+"""`onnxopt bench`: a real small run through the CLI, EP skips, one-line errors, the report schema, peers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from onnxopt import cli, load
+from onnxopt.bench import latency, peers, schema, zoo
+
+DATA = Path(__file__).parent / "data"
+FAST = ["--warmup", "1", "--iterations", "6", "--rounds", "3", "-q"]
+
+
+@pytest.fixture(scope="module")
+def cnn() -> Path:
+    return zoo.build("cnn", size="tiny", opset=13)
+
+
+@pytest.fixture(scope="module")
+def report(cnn, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "r.json"
+    assert cli.main(["bench", str(cnn), "--ep", "cpu,cuda", "--label", "test box", "-o", str(out), *FAST]) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_report_measures_cpu_and_skips_cuda(report, cnn):
+    assert schema.validate(report) is report
+    assert report["label"] == "test box" and report["settings"]["mode"] == "isolated"
+    (model,) = report["models"]
+    assert model["size_bytes"] == cnn.stat().st_size and len(model["sha256"]) == 64
+    assert model["input_shapes"] == {"input": [1, 1, 8, 8]} and model["batch_size"] == 1
+    by_ep = {r["ep"]: r for r in report["results"]}
+    cpu, cuda = by_ep["cpu"], by_ep["cuda"]
+    assert cpu["status"] == "ok" and cpu["providers"][0] == "CPUExecutionProvider"
+    lat = cpu["latency_ms"]
+    assert lat["runs"] == 6 and lat["rounds"] == 3
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert cpu["throughput"]["inferences_per_s"] == pytest.approx(1000 / lat["mean"], rel=1e-3)
+    assert cpu["session_load_s"] > 0 and cpu["memory"]["host_peak_delta_mb"] >= 0
+    assert cuda["status"] == "skipped" and "CUDAExecutionProvider is not available" in cuda["reason"]
+    assert report["device"]["cpu"]["logical_cores"] >= 1 and report["created_utc"].endswith("Z")
+
+
+def test_bench_prints_a_table_and_the_skip(cnn, capsys):
+    assert cli.main(["bench", str(cnn), "--ep", "cpu,cuda", "--warmup", "0", "--iterations", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "p50 ms" in out and "cuda: skipped" in out
+
+
+def test_only_unavailable_eps_is_an_error(cnn, capsys):
+    assert cli.main(["bench", str(cnn), "--ep", "cuda", *FAST]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxopt bench: error: no measurement ran (cuda: ") and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["missing.onnx"], 1, "onnxopt bench: error: missing.onnx: no such file"),
+    (["m.onnx", "--ep", "cpu,gpu"], 2, "onnxopt bench: error: argument --ep: unknown execution provider 'gpu'"),
+    (["m.onnx", "--iterations", "0"], 2, "onnxopt bench: error: argument --iterations: must be at least 1"),
+    (["m.onnx", "--input-shape", "x:1,a"], 2, "onnxopt bench: error: argument --input-shape:"),
+    (["m.onnx", "--variants", "tvm"], 2, "onnxopt bench: error: argument --variants: unknown variant 'tvm'"),
+])
+def test_bad_input_is_one_line(argv, code, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", *argv]) == code
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_input_shape_name(cnn, capsys):
+    assert cli.main(["bench", str(cnn), "--input-shape", "nope:1,2", *FAST]) == 1
+    assert "unknown input 'nope'" in capsys.readouterr().err
+
+
+def test_summarize_statistics():
+    stats = latency.summarize([1.0, 2.0, 3.0, 4.0, 10.0, 1.0], per_round=2)
+    assert stats["p50"] == 2.5 and stats["min"] == 1.0 and stats["max"] == 10.0 and stats["runs"] == 6
+    # round medians 1.5, 3.5, 5.5: spread 4.0, interquartile range 2.0 = 80 % of p50
+    assert stats["round_medians"] == [1.5, 3.5, 5.5] and stats["rounds"] == 3
+    assert stats["round_spread"] == 4.0 and stats["noise_pct"] == pytest.approx(80.0)
+
+
+# --- schema ------------------------------------------------------------------------------------------
+
+def test_schema_round_trip(report, tmp_path):
+    path = schema.save(report, tmp_path / "copy.json")
+    assert schema.load(path) == report
+
+
+def _broken(report, edit) -> dict:
+    bad = copy.deepcopy(report)
+    edit(bad)
+    return bad
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(schema_version=2), "unsupported schema_version 2 written by a newer onnxopt"),
+    (lambda r: r.update(schema_version="1"), "schema_version: expected an integer"),
+    (lambda r: r.pop("schema"), 'not an onnxopt bench report: no "schema"'),
+    (lambda r: r.pop("device"), "device: missing"),
+    (lambda r: r["results"][0]["latency_ms"].update(p50="fast"), 'results[0].latency_ms.p50: expected a number, got "fast"'),
+    (lambda r: r["results"][0].update(status="great"), "results[0].status: expected one of"),
+    (lambda r: r["results"][0].update(model="other"), "results[0].model: 'other' is not in models"),
+    (lambda r: r["results"][0].update(latency_ms=None), "results[0].latency_ms: missing for a measurement with status ok"),
+    (lambda r: r["results"][1].update(reason=None), "results[1].reason: a skipped entry needs a reason"),
+    (lambda r: r["models"][0]["input_shapes"].update(input=[1, "x"]),
+     "models[0].input_shapes.input[1]: expected an integer"),
+])
+def test_schema_rejects_malformed_reports(report, edit, message, tmp_path):
+    with pytest.raises(schema.ReportError, match=None) as info:
+        schema.validate(_broken(report, edit))
+    assert message in str(info.value)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_broken(report, edit)))
+    assert cli.main(["compare", str(path), "-q"]) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "the JSON is a list"),
+    (json.dumps({"schema_version": 1, "passes": []}), "looks like an `onnxopt --report` compile report"),
+])
+def test_schema_rejects_other_files(text, message, tmp_path, capsys):
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    with pytest.raises(schema.ReportError, match="x.json"):
+        schema.load(path)
+    assert cli.main(["compare", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_hand_made_reports_are_valid():
+    for path in sorted(DATA.glob("report_*.json")):
+        schema.load(path)
+
+
+# --- peers -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, expect", [
+    ("bert", {"model_type": "bert", "num_heads": 4, "hidden_size": 64}),
+    ("gpt2", {"model_type": "gpt2", "num_heads": 4, "hidden_size": 64}),
+    ("vit", {"model_type": "vit", "num_heads": 4, "hidden_size": 64}),
+])
+def test_transformer_hints_from_the_graph_alone(name, expect):
+    model = load.load(zoo.build(name, size="tiny", opset=14))
+    model.metadata_props.clear()  # no zoo metadata: the graph must say it
+    assert peers.transformer_hints(model)[0] == expect
+
+
+def test_transformer_hints_refuse_a_cnn(cnn):
+    hints, why = peers.transformer_hints(load.load(cnn))
+    assert hints is None and "not a transformer" in why
+
+
+def test_peers_run(cnn, tmp_path):
+    out = tmp_path / "peers.json"
+    md = tmp_path / "peers.md"
+    argv = ["bench", str(cnn), "--variants", "onnxopt-O2,ort-transformer-optimizer,onnxsim", "--ep", "cpu,cuda",
+            "-o", str(out), "--markdown", str(md), *FAST]
+    assert cli.main(argv) == 0
+    rep = schema.load(out)
+    assert rep["settings"]["mode"] == "alternating"
+    variants = {v["name"]: v for v in rep["variants"]}
+    assert list(variants) == ["original", "onnxopt-O2", "ort-transformer-optimizer", "onnxsim"]
+    o2 = variants["onnxopt-O2"]
+    assert o2["status"] == "ok" and o2["compile"]["time_s"] > 0 and o2["compile"]["peak_mb"] >= 0
+    assert o2["fidelity"]["max_rel"] < 1e-5 and o2["fidelity"]["cosine"] > 0.99999
+    # BN folded into the convs: fewer nodes than the original
+    assert o2["nodes"] < variants["original"]["nodes"] == rep["models"][0]["nodes"]
+    ort_opt = variants["ort-transformer-optimizer"]
+    assert ort_opt["status"] == "skipped" and "not a transformer" in ort_opt["reason"]
+    cpu = {r["variant"]: r for r in rep["results"] if r["ep"] == "cpu"}
+    assert set(cpu) == {"original", "onnxopt-O2"} | ({"onnxsim"} if variants["onnxsim"]["status"] == "ok" else set())
+    assert all(r["status"] == "ok" and r["latency_ms"]["rounds"] == 3 for r in cpu.values())
+    assert all(r["status"] == "skipped" for r in rep["results"] if r["ep"] == "cuda")
+    text = md.read_text()
+    assert "| onnxopt-O2 |" in text and "not a transformer" in text
+    assert "/ original, onnxopt-O2" in text and "/ cuda: skipped: CUDAExecutionProvider is not available" in text
+
+
+def test_missing_peer_is_skipped(cnn, tmp_path, monkeypatch):
+    monkeypatch.setitem(peers.TOOLS, "fake-peer", peers.Tool("fake-peer", "peer", lambda *a: None, ("no_such_mod_xyz",)))
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", str(cnn), "--variants", "fake-peer", "-o", str(out), *FAST]) == 0
+    rep = schema.load(out)
+    fake = rep["variants"][1]
+    assert fake["status"] == "skipped" and fake["reason"] == "no_such_mod_xyz is not installed (pip install no_such_mod_xyz)"
+    assert [r["variant"] for r in rep["results"]] == ["original"]
