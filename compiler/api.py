@@ -17,6 +17,8 @@ from onnxopt.errors import CompileError
 from onnxopt.passes import registry
 
 LEVELS = (0, 1, 2, 3)
+# fp16 verification bound: cosine of every output against the fp32 original.
+FP16_MIN_COSINE = 0.999
 
 
 @dataclasses.dataclass
@@ -69,18 +71,45 @@ def compile(  # noqa: A001 - the public name users expect
     verify_outputs: bool = True,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     tolerance: float = verify.DEFAULT_TOLERANCE,
+    fp16: bool = False,
+    fp16_io: bool = False,
+    int8: bool = False,
+    calibration_data=None,
+    calibration_samples: int | None = None,
+    calibration_method: str = "entropy",
+    int8_min_cosine: float = 0.99,
 ) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
 
     Raises CompileError with a one-line message on bad input, or when verification finds that an
     exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
+    Lossy transforms run only when asked (`fp16`, `int8` with `calibration_data`: an .npz path, a
+    folder of .npz/.npy files, or an iterable of feed dicts); for them verification reports the
+    fidelity reached (relative error, cosine) and fails only on non-finite outputs or a cosine
+    below the transform's target.
     """
     start = time.perf_counter()
     if opt_level not in LEVELS:
         raise CompileError(f"optimization level must be one of 0, 1, 2, 3 (got {opt_level!r})")
     if target not in registry.TARGETS:
         raise CompileError(f"unknown target {target!r} (choose from {', '.join(registry.TARGETS)})")
-    flags = {"fold-initializer-inputs"} if fold_initializer_inputs else set()
+    flags = {name for name, on in (("fold-initializer-inputs", fold_initializer_inputs), ("fp16", fp16),
+                                   ("int8", int8)) if on}
+    if int8 and calibration_data is None:
+        raise CompileError("--int8 needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts)")
+    # What lossy passes read in configure(); min_cosine is also the verification bound for them.
+    lossy_min_cosine = min([c for c, on in ((int8_min_cosine, int8), (FP16_MIN_COSINE, fp16)) if on], default=None)
+    options = {
+        "target": target,
+        "fp16_io": fp16_io,
+        "calibration_data": calibration_data,
+        "calibration_samples": calibration_samples,
+        "calibration_method": calibration_method,
+        "int8_min_cosine": int8_min_cosine,
+        "input_shapes": input_shapes,
+        # Passes must not import the compiler package; calibration gets its sessions from here.
+        "make_session": verify.session,
+    }
     try:
         infos = registry.select(opt_level, target, enable=enable, disable=disable, flags=flags)
     except KeyError as exc:
@@ -102,7 +131,7 @@ def compile(  # noqa: A001 - the public name users expect
 
     if opset is not None:
         graph = _upgrade_opset(graph, opset)
-    records = pipeline.run(graph, infos)
+    records = pipeline.run(graph, infos, options)
     t_passes = time.perf_counter()
 
     sig_after = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
@@ -111,7 +140,7 @@ def compile(  # noqa: A001 - the public name users expect
 
     verification: dict = {"enabled": verify_outputs}
     if verify_outputs:
-        verification = _verify(reference, graph, feeds, tolerance, records)
+        verification = _verify(reference, graph, feeds, tolerance, records, lossy_min_cosine)
     t_end = time.perf_counter()
 
     rep = {
@@ -126,6 +155,11 @@ def compile(  # noqa: A001 - the public name users expect
             "disable": sorted(disable),
             "fold_initializer_inputs": fold_initializer_inputs,
             "verify": verify_outputs,
+            "fp16": fp16,
+            "fp16_io": fp16_io,
+            "int8": int8,
+            "calibration_method": calibration_method if int8 else None,
+            "int8_min_cosine": int8_min_cosine if int8 else None,
         },
         "passes": records,
         "ops_before": ops_before,
@@ -147,15 +181,24 @@ def compile(  # noqa: A001 - the public name users expect
     return CompileResult(graph, rep, source)
 
 
-def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[dict]) -> dict:
+def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[dict],
+            lossy_min_cosine: float | None = None) -> dict:
     got = verify.run(graph, feeds)
     diffs = verify.compare(ref, got, tolerance)
+    if lossy_min_cosine is not None:
+        # A lossy transform was asked for: the exact tolerance does not apply, its fidelity target does.
+        for d in diffs:
+            if d.note != "non-finite values differ" and d.rel != float("inf"):
+                d.cosine = verify.cosine(ref[d.name], got[d.name])
+                d.ok = d.cosine >= lossy_min_cosine
+                d.note = f"lossy: cosine {d.cosine:.6f} (target {lossy_min_cosine})"
     result = {
         "enabled": True,
         "tolerance": tolerance,
         "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
         "outputs": [dataclasses.asdict(d) for d in diffs],
         "max_rel": max((d.rel for d in diffs), default=0.0),
+        "lossy": lossy_min_cosine is not None,
         "ok": all(d.ok for d in diffs),
     }
     bad = [d for d in diffs if not d.ok]

@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
     p.add_argument("--fold-initializer-inputs", action="store_true",
                    help="treat initializers that are also graph inputs as constants (changes the interface)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and compute, with fp32 islands where needed")
+    p.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 graph inputs and outputs too")
+    p.add_argument("--int8", action="store_true", help="int8 quantization (QDQ) after fusion; needs --calibration-data")
+    p.add_argument("--calibration-data", metavar="PATH",
+                   help=".npz with one array per model input (first axis = samples), or a folder of .npz/.npy")
+    p.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
+    p.add_argument("--calibration-method", default="entropy", choices=["entropy", "minmax", "percentile"],
+                   help="activation range method (default entropy: minimum KL divergence)")
+    p.add_argument("--int8-min-cosine", type=float, default=0.99,
+                   help="fidelity target: keep the worst layers in float until every output reaches this cosine")
     p.add_argument("--enable", action="append", default=[], metavar="PASS", help="run this pass too")
     p.add_argument("--disable", action="append", default=[], metavar="PASS", help="do not run this pass")
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
@@ -114,6 +124,13 @@ def run_compile(args) -> int:
         verify_outputs=not args.no_verify,
         input_shapes=shapes,
         tolerance=args.tolerance,
+        fp16=args.fp16,
+        fp16_io=args.fp16_io,
+        int8=args.int8,
+        calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples,
+        calibration_method=args.calibration_method,
+        int8_min_cosine=args.int8_min_cosine,
     )
     result.save(out, external_data=True if args.external_data else None)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)

@@ -32,8 +32,11 @@ def _record(info: PassInfo) -> dict:
     }
 
 
-def _run_one(info: PassInfo, model: ir.Model, rec: dict, output_names: list[str]) -> bool:
+def _run_one(info: PassInfo, model: ir.Model, rec: dict, output_names: list[str], options: dict) -> bool:
     p = info.factory()
+    if hasattr(p, "configure"):
+        # Passes that need compile options (calibration data, fidelity targets) take them here.
+        p.configure(options)
     start = time.perf_counter()
     result = p(model)
     keep_interface(model, output_names)
@@ -68,7 +71,7 @@ def keep_interface(model: ir.Model, output_names: list[str]) -> None:
         value.name = name
 
 
-def run(model: ir.Model, infos: list[PassInfo]) -> list[dict]:
+def run(model: ir.Model, infos: list[PassInfo], options: dict | None = None) -> list[dict]:
     output_names = [v.name for v in model.graph.outputs]
     records = []
     for stage, group in itertools.groupby(infos, key=lambda i: i.stage):
@@ -77,7 +80,7 @@ def run(model: ir.Model, infos: list[PassInfo]) -> list[dict]:
         records.extend(recs)
         rounds = MAX_CLEANUP_ROUNDS if stage == "cleanup" else 1
         for _ in range(rounds):
-            changed = [_run_one(info, model, rec, output_names) for info, rec in zip(group, recs)]
+            changed = [_run_one(info, model, rec, output_names, options or {}) for info, rec in zip(group, recs)]
             if not any(changed):
                 break
     for rec in records:

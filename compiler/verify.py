@@ -172,6 +172,16 @@ class OutputDiff:
     rel: float
     ok: bool
     note: str = ""
+    cosine: float | None = None
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two outputs, flattened (1.0 for two all-zero outputs)."""
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a64 @ b64 / (na * nb)) if na and nb else 0.0
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: float) -> list[OutputDiff]:

@@ -118,6 +118,9 @@ def select(
     enable, disable, flags = set(enable), set(disable), set(flags)
     for name in enable | disable:
         get(name)  # unknown names are an error, not silently ignored
+    known_flags = {p.flag for p in _REGISTRY.values() if p.flag}
+    for flag in sorted(flags - known_flags):
+        raise KeyError(f"no pass implements --{flag}")
     chosen = []
     for info in all_passes():
         if info.name in disable or target not in info.targets:
