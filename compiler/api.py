@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -135,12 +136,15 @@ def compile(  # noqa: A001 - the public name users expect
     t_passes = time.perf_counter()
 
     sig_after = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
+    if fp16 and fp16_io:
+        # --fp16-io changes float32 inputs/outputs to float16 on purpose; every other change is a bug.
+        sig_before = _fp16_interface(sig_before)
     if sig_after != sig_before:
         raise CompileError(f"internal error: the model's interface changed ({_first_difference(sig_before, sig_after)})")
 
     verification: dict = {"enabled": verify_outputs}
     if verify_outputs:
-        verification = _verify(reference, graph, feeds, tolerance, records, lossy_min_cosine)
+        verification = _verify(reference, graph, feeds, tolerance, records, lossy_min_cosine, fp16 and fp16_io)
     t_end = time.perf_counter()
 
     rep = {
@@ -182,8 +186,16 @@ def compile(  # noqa: A001 - the public name users expect
 
 
 def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[dict],
-            lossy_min_cosine: float | None = None) -> dict:
-    got = verify.run(graph, feeds)
+            lossy_min_cosine: float | None = None, fp16_io: bool = False) -> dict:
+    if fp16_io:
+        # --fp16-io: the compiled model takes and returns float16 where the original had float32;
+        # feed it the same samples rounded to float16 and compare its outputs as float32.
+        f16_feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
+        got = verify.run(graph, f16_feeds)
+        got = {k: g.astype(np.float32) if g.dtype == np.float16 and k in ref and ref[k].dtype == np.float32 else g
+               for k, g in got.items()}
+    else:
+        got = verify.run(graph, feeds)
     diffs = verify.compare(ref, got, tolerance)
     if lossy_min_cosine is not None:
         # A lossy transform was asked for: the exact tolerance does not apply, its fidelity target does.
@@ -208,6 +220,13 @@ def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[d
         detail = d.note or f"relative error {d.rel:.3g} > tolerance {tolerance:g}"
         raise CompileError(f"verification failed: output {d.name!r}: {detail} (passes that fired: {fired})")
     return result
+
+
+def _fp16_interface(sig: dict) -> dict:
+    """The signature with float32 inputs/outputs as float16 (what --fp16-io promises)."""
+    def f16(d: dict) -> dict:
+        return {**d, "dtype": str(ir.DataType.FLOAT16)} if d["dtype"] == str(ir.DataType.FLOAT) else d
+    return {k: [f16(d) for d in v] for k, v in sig.items()}
 
 
 def _first_difference(a: dict, b: dict) -> str:

@@ -95,7 +95,11 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
     ver = rep["verification"]
     if ver.get("enabled"):
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())
-        lines.append(f"  verified: max relative error {ver['max_rel']:.2e} (tolerance {ver['tolerance']:g}) on {shapes}")
+        if ver.get("lossy"):
+            worst = min((o["cosine"] for o in ver["outputs"] if o.get("cosine") is not None), default=float("nan"))
+            lines.append(f"  verified (lossy): min output cosine {worst:.6f}, max relative error {ver['max_rel']:.2e} on {shapes}")
+        else:
+            lines.append(f"  verified: max relative error {ver['max_rel']:.2e} (tolerance {ver['tolerance']:g}) on {shapes}")
     else:
         lines.append("  verification skipped (--no-verify)")
     lines.append(f"  time: {rep['time_s']['total']:.2f} s")
