@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnxopt import __version__, emit, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.passes import registry
+from onnxopt.passes.calibration_data import CalibrationError
 
 LEVELS = (0, 1, 2, 3)
 # fp16 verification bound: cosine of every output against the fp32 original.
@@ -98,8 +99,11 @@ def compile(  # noqa: A001 - the public name users expect
                                    ("int8", int8)) if on}
     if int8 and calibration_data is None:
         raise CompileError("--int8 needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts)")
-    # What lossy passes read in configure(); min_cosine is also the verification bound for them.
-    lossy_min_cosine = min([c for c, on in ((int8_min_cosine, int8), (FP16_MIN_COSINE, fp16)) if on], default=None)
+    # Verification bound for lossy outputs on the synthesized inputs. int8's fidelity target is
+    # enforced by its pass on held-out calibration samples (real data); synthesized N(0, 1) inputs are
+    # out of distribution for calibrated ranges, so there verification only requires finite outputs
+    # and reports the cosine.
+    lossy_min_cosine = -1.0 if int8 else (FP16_MIN_COSINE if fp16 else None)
     options = {
         "target": target,
         "fp16_io": fp16_io,
@@ -132,7 +136,10 @@ def compile(  # noqa: A001 - the public name users expect
 
     if opset is not None:
         graph = _upgrade_opset(graph, opset)
-    records = pipeline.run(graph, infos, options)
+    try:
+        records = pipeline.run(graph, infos, options)
+    except CalibrationError as exc:
+        raise CompileError(str(exc)) from None
     t_passes = time.perf_counter()
 
     sig_after = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)

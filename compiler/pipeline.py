@@ -48,6 +48,9 @@ def _run_one(info: PassInfo, model: ir.Model, rec: dict, output_names: list[str]
     # Only the last run's declines are current: earlier rounds may have declined what later fired.
     rec["declined_count"] = len(declined)
     rec["declined"] = [d.as_dict() for d in declined[:MAX_DECLINED_LISTED]]
+    details = getattr(p, "details", None)
+    if details:
+        rec["details"] = details  # e.g. int8 scales, excluded layers, held-out fidelity
     return bool(result.modified)
 
 

@@ -90,6 +90,9 @@ def session(model: ir.Model, options, providers):
     import onnxruntime as ort
 
     proto, weights = skeleton(model)
+    # onnxruntime drops unused initializers before it takes external ones: hand over used ones only.
+    used = {name for name, value in model.graph.initializers.items() if value.uses() or value.is_graph_output()}
+    weights = [(name, t) for name, t in weights if name in used]
     values = [ort.OrtValue.ortvalue_from_numpy(array(t)) for _, t in weights]
     if weights:
         options.add_external_initializers([name for name, _ in weights], values)

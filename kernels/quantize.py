@@ -1,0 +1,86 @@
+"""Linear int8 quantization math (numpy only), matching ONNX QuantizeLinear / DequantizeLinear.
+
+QuantizeLinear: q = saturate(round_half_even(x / scale) + zero_point); DequantizeLinear:
+x' = (q - zero_point) * scale.
+
+* Weights: per-channel symmetric int8, q in [-127, 127] (the -128 code is left unused so the range is
+  symmetric and s8 x u8 products cannot overflow the 16-bit intermediate of some x86 kernels).
+* Activations: an affine range [lo, hi], always widened to contain 0 (so zero padding and ReLU
+  zeros are exact), as u8 with a zero point (x86 CPU: u8 activations x s8 weights) or as s8
+  symmetric (zero point 0; GPU / TensorRT).
+* Bias of Conv / Gemm: int32 with scale = scale_x * scale_w (per channel), zero point 0, which is
+  what integer Conv kernels accumulate in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INT8_MAX = 127
+INT32_MAX = 2**31 - 1
+
+
+def per_channel_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along `axis`: (q int8 same shape as w, scale float32 [w.shape[axis]])."""
+    w = np.asarray(w, dtype=np.float32)
+    axis = axis % w.ndim
+    others = tuple(a for a in range(w.ndim) if a != axis)
+    amax = np.max(np.abs(w), axis=others) if others else np.abs(w)
+    # An all-zero channel quantizes to zeros with any scale; 1 keeps DequantizeLinear well defined.
+    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def activation_params(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.float32, np.integer]:
+    """Scale and zero point for the float range [lo, hi] (widened to contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if dtype == "uint8":
+        scale = (hi - lo) / 255.0
+        if scale <= 0:
+            return np.float32(1.0), np.uint8(0)
+        zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+        return np.float32(scale), np.uint8(zp)
+    if dtype == "int8":
+        amax = max(-lo, hi)
+        if amax <= 0:
+            return np.float32(1.0), np.int8(0)
+        return np.float32(amax / INT8_MAX), np.int8(0)
+    raise ValueError(f"unsupported activation type {dtype!r}")
+
+
+def quantize(x: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
+    """ONNX QuantizeLinear (round half to even, saturate to the zero point's type)."""
+    zp = np.asarray(zero_point)
+    info = np.iinfo(zp.dtype)
+    s = np.asarray(scale, dtype=np.float32)
+    z = zp.astype(np.int64)
+    if axis is not None and s.ndim == 1:
+        shape = [1] * np.ndim(x)
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    q = np.rint(np.asarray(x, dtype=np.float32) / s).astype(np.int64) + z
+    return np.clip(q, info.min, info.max).astype(zp.dtype)
+
+
+def dequantize(q: np.ndarray, scale, zero_point, axis: int | None = None) -> np.ndarray:
+    """ONNX DequantizeLinear."""
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero_point).astype(np.int64)
+    if axis is not None and s.ndim == 1:
+        shape = [1] * np.ndim(q)
+        shape[axis] = -1
+        s, z = s.reshape(shape), z.reshape(shape)
+    return ((np.asarray(q).astype(np.int64) - z) * s).astype(np.float32)
+
+
+def bias_int32(b: np.ndarray, scale_x: float, scale_w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(q int32, scale float32) with scale = scale_x * scale_w; None if a value would overflow int32."""
+    scale = (np.float32(scale_x) * np.asarray(scale_w, dtype=np.float32)).astype(np.float32)
+    scale = np.broadcast_to(scale, np.shape(b)).astype(np.float32)
+    q = np.rint(np.asarray(b, dtype=np.float64) / scale.astype(np.float64))
+    if np.any(np.abs(q) > INT32_MAX) or not np.all(np.isfinite(q)):
+        return None
+    return q.astype(np.int32), scale

@@ -1,0 +1,252 @@
+"""Calibration data for int8: files or feed dicts, validated before any work, streamed.
+
+Accepted sources (one sample = one model run):
+* an ``.npz`` file with one array per model input, named like the input, first axis = samples.
+  An array of the input's rank is fed one row at a time as ``x[k:k+1]`` (batch 1); an array of
+  rank + 1 is fed as ``x[k]`` (each sample is a whole batch);
+* a folder of ``.npz`` files (each as above, read in file-name order, one at a time) or of
+  ``.npy`` files named ``<input name>.npy``;
+* any iterable of feed dicts ``{input name: array}`` (library use).
+
+Wrong names, ranks, fixed dimensions, dtypes, NaN / infinite values and too few samples raise
+:class:`CalibrationError` with a one-line message. Files are checked completely before
+calibration starts; an iterable is checked sample by sample as it is consumed (its first sample
+before any work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+# One sample for the histograms and one held out to measure fidelity on.
+MIN_SAMPLES = 2
+
+
+class CalibrationError(ValueError):
+    """Bad calibration data; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    dims: tuple  # int for a fixed dimension, None for a dynamic one
+
+    def describe(self) -> str:
+        return f"{self.dtype}[{', '.join('?' if d is None else str(d) for d in self.dims)}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for v in model.graph.inputs:
+        if v.const_value is not None:  # initializer-backed input: keeps its default
+            continue
+        if v.dtype is None or v.shape is None:
+            raise CalibrationError(f"model input {v.name!r} has no type or shape to check calibration data against")
+        dims = tuple(d if isinstance(d, int) else None for d in v.shape.dims)
+        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), dims))
+    return specs
+
+
+def check_feed(feed: dict, specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    """Validate one sample (a feed dict for one run) against the model inputs."""
+    if not isinstance(feed, dict):
+        raise CalibrationError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
+    names = {s.name for s in specs}
+    missing = sorted(names - set(feed))
+    extra = sorted(set(feed) - names)
+    if missing or extra:
+        parts = ([f"missing input(s) {', '.join(map(repr, missing))}"] if missing else []) + (
+            [f"unknown name(s) {', '.join(map(repr, extra))}"] if extra else []
+        )
+        raise CalibrationError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(s.name for s in specs)})")
+    out = {}
+    for s in specs:
+        a = np.asarray(feed[s.name])
+        _check_array(a, s, where, batch_axis=False)
+        out[s.name] = a
+    return out
+
+
+def _check_array(a: np.ndarray, s: InputSpec, where: str, *, batch_axis: bool) -> None:
+    """batch_axis: `a` has a leading samples axis (its rank is the input's or one more)."""
+    if a.dtype != s.dtype:
+        raise CalibrationError(f"{where}: input {s.name!r} has dtype {a.dtype}, the model expects {s.dtype}")
+    ranks = (len(s.dims), len(s.dims) + 1) if batch_axis else (len(s.dims),)
+    if a.ndim not in ranks:
+        want = " or ".join(str(r) for r in ranks)
+        raise CalibrationError(
+            f"{where}: input {s.name!r} has shape {list(a.shape)} (rank {a.ndim}), expected rank {want} for {s.describe()}"
+        )
+    # Dimensions of one fed sample, compared with the model's fixed dimensions.
+    sample = a.shape[1:] if (batch_axis and a.ndim == len(s.dims) + 1) else a.shape
+    start = 1 if (batch_axis and a.ndim == len(s.dims)) else 0
+    for axis in range(start, len(s.dims)):
+        d = s.dims[axis]
+        if d is not None and sample[axis] != d:
+            raise CalibrationError(
+                f"{where}: input {s.name!r} has shape {list(a.shape)}, the model expects {s.describe()} (axis {axis})"
+            )
+    if batch_axis and a.ndim == len(s.dims) and s.dims and s.dims[0] not in (None, 1):
+        raise CalibrationError(
+            f"{where}: input {s.name!r}: rows are fed as batch 1 but the model's batch is fixed at {s.dims[0]}; "
+            f"give an array of shape [samples, {', '.join(map(str, s.dims))}]"
+        )
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise CalibrationError(f"{where}: input {s.name!r} has NaN or infinite values")
+
+
+def _arrays_source(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> tuple[int, callable]:
+    """Check a dict of per-input sample arrays; return (samples, row -> feed)."""
+    check_names = {s.name for s in specs}
+    missing = sorted(check_names - set(arrays))
+    extra = sorted(set(arrays) - check_names)
+    if missing or extra:
+        parts = ([f"missing array(s) for input(s) {', '.join(map(repr, missing))}"] if missing else []) + (
+            [f"array(s) {', '.join(map(repr, extra))} match no model input"] if extra else []
+        )
+        raise CalibrationError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(s.name for s in specs)})")
+    counts = {}
+    for s in specs:
+        a = arrays[s.name]
+        _check_array(a, s, where, batch_axis=True)
+        counts[s.name] = a.shape[0] if a.ndim else 0
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise CalibrationError(f"{where}: inputs have different numbers of samples ({detail})")
+    n = next(iter(counts.values()), 0)
+
+    def row(k: int) -> dict[str, np.ndarray]:
+        return {
+            s.name: (arrays[s.name][k : k + 1] if arrays[s.name].ndim == len(s.dims) else arrays[s.name][k])
+            for s in specs
+        }
+
+    return n, row
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's data problem
+        raise CalibrationError(f"{path}: cannot read as .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r")
+    except Exception as exc:  # noqa: BLE001
+        raise CalibrationError(f"{path}: cannot read as .npy ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+@dataclasses.dataclass
+class CalibrationSource:
+    """Validated calibration samples: iterate for feed dicts; `count` is None for a bare iterable."""
+
+    iterator: Iterator[dict[str, np.ndarray]]
+    count: int | None
+    description: str
+
+    def __iter__(self):
+        return self.iterator
+
+
+def open_source(data, model: ir.Model, samples: int | None = None) -> CalibrationSource:
+    """Validate `data` against `model`'s inputs and return a stream of at most `samples` feeds."""
+    specs = input_specs(model)
+    if samples is not None and (not isinstance(samples, int) or samples < MIN_SAMPLES):
+        raise CalibrationError(f"--calibration-samples must be an integer >= {MIN_SAMPLES} (got {samples!r})")
+    if data is None:
+        raise CalibrationError("no calibration data given")
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise CalibrationError(f"calibration data {str(path)!r}: no such file or folder")
+        if path.is_dir():
+            parts = _folder_parts(path, specs)
+        elif path.suffix == ".npz":
+            parts = [_arrays_source(_load_npz(path), specs, str(path))]
+        else:
+            raise CalibrationError(f"calibration data {str(path)!r}: expected an .npz file or a folder of .npz/.npy files")
+        total = sum(n for n, _ in parts)
+        _check_count(total, samples, str(path))
+        n = total if samples is None else min(samples, total)
+
+        def rows():
+            for count, row in parts:
+                for k in range(count):
+                    yield row(k)
+
+        return CalibrationSource(itertools.islice(rows(), n), n, str(path))
+    if isinstance(data, dict):
+        raise CalibrationError("calibration data is a single dict: give an iterable of feed dicts (one per sample)")
+    if not isinstance(data, Iterable):
+        raise CalibrationError(f"calibration data of type {type(data).__name__} is not a path or an iterable of feed dicts")
+    count = None
+    if hasattr(data, "__len__"):
+        count = len(data)
+        _check_count(count, samples, "calibration data")
+        count = count if samples is None else min(samples, count)
+    it = iter(data)
+    if samples is not None:
+        it = itertools.islice(it, samples)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise CalibrationError(f"calibration data has no samples (at least {MIN_SAMPLES} needed)") from None
+    first = check_feed(first, specs, "calibration sample 0")
+
+    def checked():
+        yield first
+        seen = 1
+        for k, feed in enumerate(it, start=1):
+            yield check_feed(feed, specs, f"calibration sample {k}")
+            seen += 1
+        if seen < (samples or MIN_SAMPLES):
+            raise CalibrationError(f"calibration data has {seen} sample(s), {samples or MIN_SAMPLES} needed")
+
+    return CalibrationSource(checked(), count, "feed dicts")
+
+
+def _check_count(total: int, samples: int | None, where: str) -> None:
+    need = samples or MIN_SAMPLES
+    if total < need:
+        asked = f"--calibration-samples {samples} asked" if samples else f"at least {MIN_SAMPLES} needed"
+        raise CalibrationError(f"{where}: {total} calibration sample(s), {asked}")
+
+
+def _folder_parts(path: Path, specs: list[InputSpec]):
+    npz = sorted(path.glob("*.npz"))
+    npy = sorted(path.glob("*.npy"))
+    if npz and npy:
+        raise CalibrationError(f"{path}: holds both .npz and .npy files; use one kind")
+    if npz:
+        # Each file is checked now and read again when its samples are streamed.
+        parts = []
+        for f in npz:
+            n, _ = _arrays_source(_load_npz(f), specs, str(f))
+            parts.append((n, _lazy_npz_row(f, specs)))
+        return parts
+    if npy:
+        arrays = {f.stem: _load_npy(f) for f in npy}
+        return [_arrays_source(arrays, specs, str(path))]
+    raise CalibrationError(f"{path}: no .npz or .npy files in the folder")
+
+
+def _lazy_npz_row(f: Path, specs: list[InputSpec]):
+    cache: dict = {}
+
+    def row(k: int):
+        if "row" not in cache:
+            cache["row"] = _arrays_source(_load_npz(f), specs, str(f))[1]
+        return cache["row"](k)
+
+    return row

@@ -1,0 +1,436 @@
+"""Post-training int8 quantization: QDQ around Conv, ConvTranspose, MatMul and Gemm.
+
+Rewrite, for a layer y = op(x, W[, b]) with constant W (and b):
+
+    y = op(DQ(Q(x, s_x, z_x)), DQ(W_q, s_w, axis=c)[, DQ(b_q, s_x * s_w)])
+
+* W_q = round(W / s_w) per output channel c, symmetric int8 in [-127, 127];
+* x: an activation range [lo, hi] from calibration (``entropy`` — TensorRT's KL threshold on a
+  2048-bin |x| histogram —, ``minmax`` or ``percentile``, math in ``onnxopt.kernels.calibration``);
+  u8 with a zero point for the ``cpu``/``generic`` targets (x86 integer kernels are u8 x s8),
+  s8 symmetric for ``cuda``/``tensorrt``; one Q/DQ pair per activation, shared by its quantized
+  consumers;
+* b (Conv, Gemm): int32 with scale s_x * s_w, what onnxruntime's QDQ Conv fusion requires.
+
+onnxruntime (graph optimizations on) turns DQ -> MatMul into MatMulIntegerToFloat and
+DQ -> Conv -> Q into QLinearConv; with optimizations off the QDQ graph runs as float ops on the
+dequantized values, which is how fidelity is measured here and in verification.
+
+Preconditions (else the layer stays float and is declined with the reason): W constant (not an
+overridable initializer), float32 activation, Gemm without transA, ConvTranspose with group 1,
+opset >= 13 (per-axis QuantizeLinear). MatMuls of two activations (attention scores) stay float.
+At -O3 the com.microsoft Attention kernel holds its Q/K/V projection internally: it is not
+QDQ-able and stays float (declined, reported); its output projection and the feed-forward
+MatMuls, which stay separate MatMuls, are quantized. Compile at -O2 to quantize the Q/K/V
+projections too. LayerNorm, Softmax, GELU and residual additions are never quantized (they are not
+candidates).
+
+Fidelity control: the float reference outputs of the calibration samples are kept (for at most
+``FIT_SAMPLES`` of them). If the quantized model's worst cosine against them is below
+``int8_min_cosine``, each layer's own error is measured (1 - cosine with only that layer
+quantized), and the worst layers go back to float, one by one, until the target holds. Every
+fifth sample is held out of the histograms and of that selection; the fidelity on the held-out
+samples is what the report states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.kernels import calibration, quantize
+from onnxopt.passes import calibration_data
+from onnxopt.passes.base import OptPass
+from onnxopt.passes.calibration_data import CalibrationError
+from onnxopt.passes.checks import constant_array
+from onnxopt.passes.registry import register
+
+LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Every HOLDOUT_EVERY-th sample is held out of the histograms to measure fidelity on.
+HOLDOUT_EVERY = 5
+# Samples whose feeds and float outputs are kept: for layer selection and for the held-out figure.
+FIT_SAMPLES = 16
+HELDOUT_SAMPLES = 32
+MS_FUSED_WITH_PROJECTIONS = ("Attention", "QAttention", "PackedAttention")
+
+
+@dataclasses.dataclass
+class Layer:
+    node: ir.Node
+    x: ir.Value
+    w: ir.Value
+    axis: int  # per-channel axis of W
+    b: ir.Value | None = None
+    # Filled in when the QDQ nodes exist:
+    x_dq: ir.Value | None = None
+    w_dq: ir.Value | None = None
+    b_dq: ir.Value | None = None
+    error: float | None = None  # 1 - cosine with only this layer quantized
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.outputs[0].name
+
+    def enable(self, on: bool) -> None:
+        self.node.replace_input_with(0, self.x_dq if on else self.x)
+        self.node.replace_input_with(1, self.w_dq if on else self.w)
+        if self.b is not None and self.b_dq is not None:
+            self.node.replace_input_with(2, self.b_dq if on else self.b)
+
+
+def _new_initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _session(model: ir.Model, make_session):
+    """make_session on the model as it stands, unused initializers (float weights of quantized
+    layers, int8 weights of float ones, kept to toggle layers) left out: onnxruntime drops unused
+    initializers and then fails to find them among the external ones."""
+    graph = model.graph
+    unused = [(n, v) for n, v in graph.initializers.items()
+              if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]
+    for name, _ in unused:
+        graph.initializers.pop(name)
+    try:
+        return make_session(model)
+    finally:
+        for _, value in unused:
+            graph.register_initializer(value)
+
+
+def _float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in outputs.items() if np.issubdtype(v.dtype, np.floating)}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a64 @ b64 / (na * nb)) if na and nb else 0.0
+
+
+# order 10: before other lossy passes (an fp16 cast first would leave no float32 layer to quantize).
+@register("quantize_int8", level=0, stage="lossy", flag="int8", order=10)
+class QuantizeInt8Pass(OptPass):
+    """Post-training int8 QDQ quantization of Conv/ConvTranspose/MatMul/Gemm, calibrated, fidelity-controlled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: dict = {}
+        self.details: dict = {}
+
+    def configure(self, options: dict) -> None:
+        self.options = dict(options)
+
+    # ---- candidates -------------------------------------------------------------------------
+
+    def _candidates(self, model: ir.Model) -> list[Layer]:
+        layers = []
+        for node in model.graph:
+            if node.domain == "com.microsoft" and node.op_type in MS_FUSED_WITH_PROJECTIONS:
+                self.decline("quantize_int8", node, "fused com.microsoft Attention holds its Q/K/V projection "
+                             "internally (not QDQ-able); it stays float — compile at -O2 to quantize the projections")
+                continue
+            if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
+                continue
+            layer = self._layer(node)
+            if layer is not None:
+                layers.append(layer)
+        return layers
+
+    def _layer(self, node: ir.Node) -> Layer | None:
+        rule = f"quantize_{node.op_type}"
+        inputs = list(node.inputs)
+        if len(inputs) < 2 or inputs[0] is None or inputs[1] is None:
+            self.decline(rule, node, "missing input")
+            return None
+        x, w = inputs[0], inputs[1]
+        if x.producer() is not None and x.producer().op_type == "DequantizeLinear":
+            self.decline(rule, node, "already quantized (input comes from DequantizeLinear)")
+            return None
+        # Conv, MatMul and Gemm take x and W of one type T: an untyped x with a float32 W is float32.
+        if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+            self.decline(rule, node, f"activation is {x.dtype}, not float32")
+            return None
+        if constant_array(x) is not None:
+            self.decline(rule, node, "first input is a constant (constant folding's job)")
+            return None
+        wa = constant_array(w)
+        if wa is None:
+            reason = ("both operands are activations (e.g. attention scores); kept float"
+                      if not w.is_graph_input() or w.const_value is None else
+                      "weight is a graph input (overridable initializer); kept float")
+            self.decline(rule, node, reason)
+            return None
+        if wa.dtype != np.float32:
+            self.decline(rule, node, f"weight is {wa.dtype}, not float32")
+            return None
+        if x.dtype is None:
+            x.dtype = ir.DataType.FLOAT
+        b = inputs[2] if len(inputs) > 2 else None
+        if node.op_type == "MatMul":
+            if wa.ndim != 2:
+                self.decline(rule, node, f"weight has rank {wa.ndim}; per-channel QDQ needs a 2-D MatMul weight")
+                return None
+            return Layer(node, x, w, axis=1)
+        if node.op_type == "Gemm":
+            if node.attributes.get_int("transA", 0):
+                self.decline(rule, node, "Gemm with transA=1")
+                return None
+            axis = 0 if node.attributes.get_int("transB", 0) else 1
+            if b is not None and constant_array(b) is None:
+                self.decline(rule, node, "bias is not a constant")
+                return None
+            return Layer(node, x, w, axis=axis, b=b)
+        # Conv / ConvTranspose
+        if wa.ndim < 3:
+            self.decline(rule, node, f"weight has rank {wa.ndim}")
+            return None
+        if b is not None and constant_array(b) is None:
+            self.decline(rule, node, "bias is not a constant")
+            return None
+        if node.op_type == "ConvTranspose":
+            if node.attributes.get_int("group", 1) != 1:
+                self.decline(rule, node, "ConvTranspose with group > 1 (output channels are not one weight axis)")
+                return None
+            return Layer(node, x, w, axis=1, b=b)
+        return Layer(node, x, w, axis=0, b=b)
+
+    # ---- calibration ------------------------------------------------------------------------
+
+    def _calibrate(self, model: ir.Model, acts: list[ir.Value], source, make_session):
+        graph = model.graph
+        inputs = {v.name for v in graph.inputs}
+        out_names = [v.name for v in graph.outputs]
+        added = [v for v in acts if v.name not in inputs and not v.is_graph_output()]
+        for v in added:
+            graph.outputs.append(v)
+        try:
+            session = _session(model, make_session)
+        finally:
+            for v in added:
+                graph.outputs.remove(v)
+        # Activations that are graph inputs come from the feed; those that are outputs already are fetched once.
+        act_names = [v.name for v in acts if v.name not in inputs and v.name not in out_names]
+        hists = {v.name: calibration.AbsHistogram() for v in acts}
+        fit, heldout = [], []
+        n_calib = n_held = 0
+        t_run = 0.0
+        t0 = time.perf_counter()
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm ships with the dependencies
+            tqdm = None
+        stream = iter(source)
+        if tqdm is not None:
+            stream = tqdm(stream, total=source.count, desc="onnxopt: calibrating", unit="sample",
+                          file=sys.stderr, disable=None, leave=False)
+        for k, feed in enumerate(stream):
+            held = k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+            names = out_names if held else out_names + act_names
+            t = time.perf_counter()
+            values = session.run(names, feed)
+            t_run += time.perf_counter() - t
+            outs = dict(zip(names, values))
+            ref = _float_outputs({n: outs[n] for n in out_names})
+            if held:
+                n_held += 1
+                if len(heldout) < HELDOUT_SAMPLES:
+                    heldout.append((feed, ref))
+                continue
+            n_calib += 1
+            for v in acts:
+                data = feed[v.name] if v.name in inputs else outs[v.name]
+                try:
+                    hists[v.name].update(data)
+                except ValueError:
+                    raise CalibrationError(f"calibration sample {k} gives NaN or infinite values at {v.name!r}") from None
+            if len(fit) < FIT_SAMPLES:
+                fit.append((feed, ref))
+        if n_calib < 1 or n_held < 1:
+            raise CalibrationError(f"calibration data has {n_calib + n_held} sample(s), {calibration_data.MIN_SAMPLES} needed")
+        timing = {"total_s": round(time.perf_counter() - t0, 4), "inference_s": round(t_run, 4)}
+        return hists, fit, heldout, {"calibration": n_calib, "held_out": n_held}, timing
+
+    # ---- fidelity ---------------------------------------------------------------------------
+
+    def _fidelity(self, model: ir.Model, samples, make_session) -> list[float]:
+        """Worst cosine over the float outputs, per sample."""
+        session = _session(model, make_session)
+        cosines = []
+        for feed, ref in samples:
+            got = dict(zip(list(ref), session.run(list(ref), feed)))
+            cosines.append(min((_cosine(ref[n], got[n]) for n in ref), default=1.0))
+        return cosines
+
+    # ---- the pass ---------------------------------------------------------------------------
+
+    def apply(self, model: ir.Model) -> int:
+        opts = self.options
+        method = opts.get("calibration_method") or "entropy"
+        if method not in calibration.METHODS:
+            raise CalibrationError(f"unknown calibration method {method!r} (choose from {', '.join(calibration.METHODS)})")
+        min_cos = float(opts.get("int8_min_cosine", 0.99))
+        if not 0.0 <= min_cos <= 1.0:
+            raise CalibrationError(f"--int8-min-cosine must be in [0, 1] (got {min_cos})")
+        target = opts.get("target", "cpu")
+        act_type = "int8" if target in ("cuda", "tensorrt") else "uint8"
+        make_session = opts.get("make_session")
+        if make_session is None:
+            raise CalibrationError("int8 quantization needs a session factory (options['make_session'])")
+        # Bad data fails here, before any graph work.
+        source = calibration_data.open_source(opts.get("calibration_data"), model, opts.get("calibration_samples"))
+        opset = model.opset_imports.get("", 0)
+        graph = model.graph
+        self.details = {"method": method, "activation_type": act_type, "weight_type": "int8 per-channel symmetric",
+                        "min_cosine": min_cos, "layers": [], "excluded": [], "scales": {}}
+        if opset < 13:
+            self.decline("quantize_int8", None, f"model opset {opset} < 13: per-channel QuantizeLinear needs opset 13")
+            return 0
+        layers = self._candidates(model)
+        if not layers:
+            return 0
+        # Earlier passes may leave unused initializers for the finalize stage; onnxruntime drops them
+        # before taking external initializers and then fails on the missing name, so drop them now.
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+                graph.initializers.pop(name)
+        acts: list[ir.Value] = []
+        for layer in layers:
+            if all(layer.x is not a for a in acts):
+                acts.append(layer.x)
+
+        hists, fit, heldout, counts, timing = self._calibrate(model, acts, source, make_session)
+        self.details["samples"] = counts
+        self.details["calibration_time_s"] = timing
+
+        # Activation Q/DQ pairs.
+        act_dq: dict[int, tuple[ir.Value, float]] = {}
+        new_nodes: list[ir.Node] = []
+        first = next(iter(graph))
+        for v in acts:
+            h = hists[v.name]
+            lo, hi = calibration.activation_range(h, method, unsigned=act_type == "uint8")
+            scale, zp = quantize.activation_params(lo, hi, act_type)
+            s_val = _new_initializer(graph, np.array(scale, dtype=np.float32), f"{v.name}.int8_scale")
+            z_val = _new_initializer(graph, np.array(zp), f"{v.name}.int8_zero_point")
+            q = ir.Node("", "QuantizeLinear", [v, s_val, z_val], name=f"{v.name}.QuantizeLinear", num_outputs=1)
+            q.outputs[0].name = f"{v.name}.int8"
+            dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{v.name}.DequantizeLinear",
+                         num_outputs=1)
+            dq.outputs[0].name = f"{v.name}.int8_dq"
+            dq.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].shape = v.shape
+            producer = v.producer()
+            if producer is None:
+                graph.insert_before(first, [q, dq])
+            else:
+                graph.insert_after(producer, [q, dq])
+            new_nodes += [q, dq]
+            act_dq[id(v)] = (dq.outputs[0], float(scale))
+            self.details["scales"][v.name] = {
+                "scale": float(scale), "zero_point": int(zp), "range": [float(lo), float(hi)],
+                "observed": [h.min, h.max], "threshold": float(max(-lo, hi)),
+            }
+
+        # Weight (and bias) DQs, one weight per initializer even if shared.
+        weight_dq: dict[int, tuple[ir.Value, np.ndarray]] = {}
+        for layer in layers:
+            layer.x_dq, s_x = act_dq[id(layer.x)]
+            key = id(layer.w)
+            if key not in weight_dq:
+                wq, sw = quantize.per_channel_weight(constant_array(layer.w), layer.axis)
+                base = layer.w.name
+                wq_val = _new_initializer(graph, wq, f"{base}.int8")
+                sw_val = _new_initializer(graph, sw, f"{base}.int8_scale")
+                wz_val = _new_initializer(graph, np.zeros(sw.shape, dtype=np.int8), f"{base}.int8_zero_point")
+                dq = ir.Node("", "DequantizeLinear", [wq_val, sw_val, wz_val], name=f"{base}.DequantizeLinear",
+                             attributes=[ir.AttrInt64("axis", layer.axis)], num_outputs=1)
+                dq.outputs[0].name = f"{base}.int8_dq"
+                dq.outputs[0].dtype = ir.DataType.FLOAT
+                dq.outputs[0].shape = layer.w.shape
+                graph.insert_before(layer.node, dq)
+                new_nodes.append(dq)
+                weight_dq[key] = (dq.outputs[0], sw)
+            layer.w_dq, sw = weight_dq[key]
+            if layer.b is not None:
+                ba = constant_array(layer.b)
+                # Only a per-channel bias ([channels]) matches the per-channel weight scales.
+                qb = quantize.bias_int32(ba, s_x, sw) if ba is not None and ba.shape == sw.shape else None
+                if qb is not None:
+                    bq, sb = qb
+                    base = f"{layer.b.name}.{layer.name}"
+                    bq_val = _new_initializer(graph, bq, f"{base}.int32")
+                    sb_val = _new_initializer(graph, sb, f"{base}.int32_scale")
+                    bz_val = _new_initializer(graph, np.zeros(sb.shape, dtype=np.int32), f"{base}.int32_zero_point")
+                    dq = ir.Node("", "DequantizeLinear", [bq_val, sb_val, bz_val], name=f"{base}.DequantizeLinear",
+                                 attributes=[ir.AttrInt64("axis", 0)], num_outputs=1)
+                    dq.outputs[0].name = f"{base}.int32_dq"
+                    dq.outputs[0].dtype = ir.DataType.FLOAT
+                    dq.outputs[0].shape = layer.b.shape
+                    graph.insert_before(layer.node, dq)
+                    new_nodes.append(dq)
+                    layer.b_dq = dq.outputs[0]
+            layer.enable(True)
+
+        # Fidelity control on the calibration samples.
+        cos = self._fidelity(model, fit, make_session)
+        fit_min = min(cos)
+        self.details["fidelity_all_quantized"] = {"calibration_min_cosine": fit_min}
+        if fit_min < min_cos:
+            for layer in layers:
+                layer.enable(False)
+            for layer in layers:
+                layer.enable(True)
+                layer.error = 1.0 - min(self._fidelity(model, fit, make_session))
+                layer.enable(False)
+            for layer in layers:
+                layer.enable(True)
+            order = sorted(layers, key=lambda lyr: lyr.error, reverse=True)
+            for layer in order:
+                if fit_min >= min_cos:
+                    break
+                layer.enable(False)
+                self.details["excluded"].append({"node": layer.name, "op": layer.node.op_type,
+                                                 "error": layer.error})
+                if any(lyr.node.inputs[1] is lyr.w_dq for lyr in layers):
+                    fit_min = min(self._fidelity(model, fit, make_session))
+                else:
+                    fit_min = 1.0
+        kept = [lyr for lyr in layers if lyr.node.inputs[1] is lyr.w_dq]
+        for layer in layers:
+            self.details["layers"].append({"node": layer.name, "op": layer.node.op_type, "input": layer.x.name,
+                                           "quantized": layer in kept, "error": layer.error})
+        held = self._fidelity(model, heldout, make_session)
+        self.details["fidelity"] = {
+            "calibration_min_cosine": fit_min,
+            "held_out_min_cosine": min(held),
+            "held_out_mean_cosine": float(np.mean(held)),
+            "held_out_samples": len(held),
+        }
+        self._remove_unused(graph, new_nodes, layers)
+        self.details["quantized"] = len(kept)
+        self.details["float"] = len(layers) - len(kept)
+        return len(kept)
+
+    @staticmethod
+    def _remove_unused(graph: ir.Graph, new_nodes: list[ir.Node], layers: list[Layer]) -> None:
+        for node in reversed(new_nodes):
+            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+        candidates = {id(v): v for v in [lyr.w for lyr in layers] + [lyr.b for lyr in layers if lyr.b is not None]}
+        for node in new_nodes:
+            for v in node.inputs:
+                if v is not None and v.const_value is not None:
+                    candidates[id(v)] = v
+        for v in candidates.values():
+            if not v.uses() and not v.is_graph_input() and not v.is_graph_output() and v.name in graph.initializers:
+                graph.initializers.pop(v.name)

@@ -1,0 +1,176 @@
+"""int8 post-training quantization end to end on the trained digits CNN, and bad calibration data.
+
+Verification on synthesized standard-normal inputs is off here: the digits model sees inputs in
+[-1, 1], and int8 clips out-of-distribution values by design; fidelity is measured on real data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import onnxopt
+from onnxopt import verify
+from onnxopt.bench import zoo
+from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return zoo.build("digits_cnn"), zoo.digits_data()
+
+
+def _accuracy(model: onnx.ModelProto | str, x, y) -> float:
+    data = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return float((logits.argmax(1) == y).mean())
+
+
+def _run_pass(model_path, data, **options) -> tuple[ir.Model, QuantizeInt8Pass]:
+    model = onnxopt.compile(model_path, opt_level=2, verify_outputs=False).ir_model
+    p = QuantizeInt8Pass()
+    p.configure({"calibration_data": data, "calibration_samples": None, "calibration_method": "entropy",
+                 "int8_min_cosine": 0.99, "target": "cpu", "make_session": verify.session} | options)
+    p(model)
+    return model, p
+
+
+@pytest.mark.parametrize("method", ["entropy", "minmax", "percentile"])
+def test_digits_cnn_int8_accuracy(digits, tmp_path, method):
+    path, (x_tr, _, x_te, y_te) = digits
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=x_tr[:200])
+    result = onnxopt.compile(path, opt_level=2, int8=True, calibration_data=str(calib), calibration_method=method,
+                             verify_outputs=False)
+    ops = result.report["ops_after"]
+    # Two Conv + one Gemm: three activations and three weights (+ two int32 biases) quantized.
+    assert ops["QuantizeLinear"] == 3, ops
+    assert ops["DequantizeLinear"] == 3 + 3 + 3, ops
+    rec = next(r for r in result.report["passes"] if r["name"] == "quantize_int8")
+    assert rec["fired"] == 3
+    out = tmp_path / "int8.onnx"
+    result.save(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    base = _accuracy(str(path), x_te, y_te)
+    got = _accuracy(str(out), x_te, y_te)
+    assert base > 0.95
+    assert got >= base - 0.003, (base, got)
+    # Weights are stored as int8 (per output channel), the float originals are gone.
+    saved = onnx.load(str(out))
+    kinds = {t.name: t.data_type for t in saved.graph.initializer}
+    assert sum(1 for k in kinds.values() if k == onnx.TensorProto.INT8) >= 3
+    assert not any(n.endswith(".bnfold") and kinds[n] == onnx.TensorProto.FLOAT for n in kinds)
+
+
+def test_digits_cnn_details_and_idempotence(digits):
+    path, (x_tr, *_) = digits
+    feeds = [{"input": x_tr[i : i + 1]} for i in range(60)]
+    model, p = _run_pass(path, feeds)
+    d = p.details
+    assert d["samples"] == {"calibration": 48, "held_out": 12}
+    assert d["activation_type"] == "uint8" and d["quantized"] == 3 and d["excluded"] == []
+    # Post-ReLU activations get zero point 0 (u8 over [0, T]); the input in [-1, 1] a mid zero point.
+    relu = [s for name, s in d["scales"].items() if name != "input"]
+    assert relu and all(s["zero_point"] == 0 and s["range"][0] == 0.0 for s in relu)
+    assert d["scales"]["input"]["zero_point"] in range(120, 136)
+    assert d["fidelity"]["held_out_min_cosine"] >= 0.999
+    # A second run finds every layer fed by DequantizeLinear and changes nothing.
+    again = QuantizeInt8Pass()
+    again.configure(p.options)
+    assert not again(model).modified
+    assert all("already quantized" in x.reason for x in again.declined)
+
+
+def test_fidelity_control_keeps_worst_layers_float(digits):
+    path, (x_tr, *_) = digits
+    feeds = [{"input": x_tr[i : i + 1]} for i in range(40)]
+    # An unreachable target: layers go back to float, worst first, until it holds.
+    model, p = _run_pass(path, feeds, int8_min_cosine=1.0)
+    d = p.details
+    errors = [e["error"] for e in d["excluded"]]
+    assert errors and errors == sorted(errors, reverse=True)
+    assert all(layer["error"] is not None for layer in d["layers"])
+    worst = max(d["layers"], key=lambda layer: layer["error"])
+    assert not worst["quantized"]
+    assert d["quantized"] + d["float"] == 3
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("DequantizeLinear") <= 3 * d["quantized"]
+
+
+def test_targets_pick_activation_types(digits):
+    path, (x_tr, *_) = digits
+    feeds = [{"input": x_tr[i : i + 1]} for i in range(20)]
+    model, p = _run_pass(path, feeds, target="cuda")
+    assert p.details["activation_type"] == "int8"
+    zps = [n.inputs[2].const_value.numpy() for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.int8 and int(z) == 0 for z in zps)
+
+
+def test_attention_matmuls_stay_float():
+    # Scores = Q @ K^T (two activations) stays float; the projection with a constant weight is quantized.
+    model = ir.from_proto(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4, 8] x) => (float[1, 4, 4] y) <float[8, 8] w = {""" + ", ".join(["0.1"] * 64) + """}> {
+            q = MatMul(x, w)
+            kt = Transpose<perm = [0, 2, 1]>(x)
+            y = MatMul(q, kt)
+        }"""))
+    p = QuantizeInt8Pass()
+    rng = np.random.default_rng(0)
+    p.configure({"calibration_data": [{"x": rng.standard_normal((1, 4, 8)).astype(np.float32)} for _ in range(10)],
+                 "calibration_method": "entropy", "int8_min_cosine": 0.9, "target": "cpu",
+                 "make_session": verify.session})
+    p(model)
+    assert p.fired == 1
+    assert any("both operands are activations" in d.reason for d in p.declined)
+
+
+# ---- bad calibration data: a clear error before any work ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda x: {"image": x[:10]}, "missing array(s) for input(s) 'input'"),
+        (lambda x: {"input": x[:10].astype(np.float64)}, "dtype float64, the model expects float32"),
+        (lambda x: {"input": x[:10, :, :4]}, "the model expects float32"),
+        (lambda x: {"input": x[:10, 0]}, "expected rank 4 or 5"),
+        (lambda x: {"input": np.where(np.arange(10)[:, None, None, None] == 3, np.nan, x[:10])}, "NaN or infinite"),
+        (lambda x: {"input": x[:1]}, "1 calibration sample(s), at least 2 needed"),
+    ],
+)
+def test_bad_npz_is_refused(digits, tmp_path, make, message):
+    path, (x_tr, *_) = digits
+    f = tmp_path / "bad.npz"
+    np.savez(f, **make(x_tr))
+    with pytest.raises(onnxopt.CompileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        onnxopt.compile(path, opt_level=2, int8=True, calibration_data=str(f), verify_outputs=False)
+
+
+def test_bad_sources_are_refused(digits, tmp_path):
+    path, (x_tr, *_) = digits
+
+    def compile_with(data, **kw):
+        return onnxopt.compile(path, opt_level=2, int8=True, calibration_data=data, verify_outputs=False, **kw)
+
+    with pytest.raises(onnxopt.CompileError, match="no such file"):
+        compile_with(str(tmp_path / "missing.npz"))
+    with pytest.raises(onnxopt.CompileError, match="no .npz or .npy files"):
+        compile_with(str(tmp_path))
+    np.save(tmp_path / "input.npy", x_tr[:5])
+    with pytest.raises(onnxopt.CompileError, match="5 calibration sample\\(s\\), --calibration-samples 8 asked"):
+        compile_with(str(tmp_path), calibration_samples=8)
+    with pytest.raises(onnxopt.CompileError, match="unknown calibration method 'mse'"):
+        compile_with(str(tmp_path), calibration_method="mse")
+    with pytest.raises(onnxopt.CompileError, match="calibration sample 0: unknown name\\(s\\) 'pixels'"):
+        compile_with([{"input": x_tr[:1], "pixels": x_tr[:1]}] * 3)
+    with pytest.raises(onnxopt.CompileError, match="single dict"):
+        compile_with({"input": x_tr[:10]})
+    # A folder of .npy named after the inputs works, as does a generator of feed dicts.
+    assert compile_with(str(tmp_path)).report["ops_after"]["QuantizeLinear"] == 3
+    gen = ({"input": x_tr[i : i + 1]} for i in range(10))
+    assert compile_with(gen).report["ops_after"]["QuantizeLinear"] == 3
