@@ -4,8 +4,9 @@ options and a perf_counter loop, sharing no code with onnxopt's runner.
     python -m onnxopt.bench.zoo mobilenetv2 --size base -o /tmp/mnv2.onnx
     onnxopt bench /tmp/mnv2.onnx -o /tmp/mnv2.json && python bench/independent_timing.py /tmp/mnv2.onnx
 
-Measured here (2-core EPYC), back to back: bench p50 4.81-5.21 ms vs independent 4.85-5.20 ms on a quiet
-machine (7-8% apart), and within 0-13% over three runs on a loaded one.
+Measured here (2-core EPYC), back to back on a quiet machine: bench p50 4.61 / 3.94 / 4.63 ms vs
+independent 3.98 / 3.85 / 3.96 ms (2-17% apart). When other jobs start or stop between the two runs the
+machine swings between about 4.8 and 8.3 ms and a single pair can differ by far more.
 """
 
 import sys
