@@ -20,6 +20,9 @@ INT8_MAX = 127
 INT32_MAX = 2**31 - 1
 
 
+_TINY = np.finfo(np.float32).tiny  # smallest normal float32
+
+
 def per_channel_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per channel along `axis`: (q int8 same shape as w, scale float32 [w.shape[axis]])."""
     w = np.asarray(w, dtype=np.float32)
@@ -27,7 +30,10 @@ def per_channel_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
     others = tuple(a for a in range(w.ndim) if a != axis)
     amax = np.max(np.abs(w), axis=others) if others else np.abs(w)
     # An all-zero channel quantizes to zeros with any scale; 1 keeps DequantizeLinear well defined.
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+    # So does a channel so small that its scale would not be a normal float32 (x / scale would be
+    # 0/0 or inf): its values are below 127 * 1.2e-38 and dequantize to 0 either way.
+    scale = (amax / INT8_MAX).astype(np.float32)
+    scale = np.where(scale >= _TINY, scale, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
@@ -39,13 +45,13 @@ def activation_params(lo: float, hi: float, dtype: str = "uint8") -> tuple[np.fl
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if dtype == "uint8":
         scale = (hi - lo) / 255.0
-        if scale <= 0:
+        if np.float32(scale) < _TINY:  # empty or subnormal range: nothing to represent
             return np.float32(1.0), np.uint8(0)
         zp = int(np.clip(np.rint(-lo / scale), 0, 255))
         return np.float32(scale), np.uint8(zp)
     if dtype == "int8":
         amax = max(-lo, hi)
-        if amax <= 0:
+        if np.float32(amax / INT8_MAX) < _TINY:
             return np.float32(1.0), np.int8(0)
         return np.float32(amax / INT8_MAX), np.int8(0)
     raise ValueError(f"unsupported activation type {dtype!r}")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
@@ -177,6 +177,8 @@ def _ort_qdq(x, scale, zp, axis):
 @settings(max_examples=30, deadline=None)
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 5), st.integers(1, 4)),
                   elements=st.floats(-50, 50, width=32)), st.integers(0, 2))
+# Found by CI: a subnormal weight made the scale underflow to 0 (x / scale = 0/0).
+@example(w=np.array([[[1e-45, 0.0]]], np.float32), axis=0)
 def test_per_channel_weight_matches_onnxruntime(w, axis):
     q, s = quantize.per_channel_weight(w, axis)
     assert q.dtype == np.int8 and s.shape == (w.shape[axis],)
