@@ -37,6 +37,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from onnxopt.bench.session_job import _status_mb  # one /proc reader for both measuring jobs
+
 JOB_MARKER = "ONNXOPT-JOB "
 
 
@@ -215,17 +217,6 @@ def transformer_hints(model) -> tuple[dict | None, str]:
 
 
 # --- building variants in child processes ---------------------------------------------------------
-
-def _status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
 
 def _job(tool_name: str, src: str, out: str, ctx_json: str) -> dict:
     """Runs in the child: import the tool's modules, then time and measure one build."""

@@ -102,6 +102,18 @@ class _ConvChannelOp(pattern.RewriteRuleClassBase):
         return vector, channels
 
 
+def _check_bias(conv: ir.Node, channels: int) -> pattern.MatchResult:
+    """The Conv's bias, if any, is a rewritable constant with one value per output channel."""
+    bias = optional_input(conv, 2)
+    if bias is not None:
+        b, reason = rewritable_constant(bias, f"{conv.op_type} bias")
+        if reason:
+            return checks.fail(reason)
+        if b.size != channels:
+            return checks.fail(f"{conv.op_type} bias has shape {b.shape}")
+    return checks.ok()
+
+
 class ConvAddBias(_ConvChannelOp):
     """Add(Conv(x, W, b), t) -> Conv(x, W, b + t)."""
 
@@ -110,14 +122,7 @@ class ConvAddBias(_ConvChannelOp):
         found = self._vector(w, c, conv)
         if isinstance(found, pattern.MatchResult):
             return found
-        bias = optional_input(conv, 2)
-        if bias is not None:
-            b, reason = rewritable_constant(bias, f"{conv.op_type} bias")
-            if reason:
-                return checks.fail(reason)
-            if b.size != found[1]:
-                return checks.fail(f"{conv.op_type} bias has shape {b.shape}")
-        return checks.ok()
+        return _check_bias(conv, channels=found[1])
 
     def rewrite(self, op, x, w, c, conv_out, **_):
         conv = conv_out.producer()
@@ -146,14 +151,7 @@ class ConvMulScale(_ConvChannelOp):
         reason = check_weights(conv, weights, channels=found[1])
         if reason:
             return checks.fail(reason)
-        bias = optional_input(conv, 2)
-        if bias is not None:
-            b, reason = rewritable_constant(bias, f"{conv.op_type} bias")
-            if reason:
-                return checks.fail(reason)
-            if b.size != found[1]:
-                return checks.fail(f"{conv.op_type} bias has shape {b.shape}")
-        return checks.ok()
+        return _check_bias(conv, channels=found[1])
 
     def rewrite(self, op, x, w, c, conv_out, **_):
         conv = conv_out.producer()
