@@ -30,7 +30,7 @@ What is emitted, by pass:
 - `layernorm` (-O2, every target): LayerNormalization (axis=-1, epsilon, stash_type=1) where the
   model's opset has it (>= 17), RMSNormalization where it has it (>= 23); otherwise the candidate
   is declined with the opset as reason (`--opset 17` upgrades the model first).
-- `layernorm_ort` (-O3, cpu/cuda): below those opsets, the onnxruntime fused kernel. onnxruntime
+- `layernorm_ort` (-O3, onnxruntime CUDA): below those opsets, the onnxruntime fused kernel. onnxruntime
   registers LayerNormalization and SimplifiedLayerNormalization as ai.onnx-domain contrib kernels
   from version 1, but the ONNX checker (which emit runs) rejects both below opset 17 / at every
   opset. What both accept is com.microsoft SkipLayerNormalization with the input as its own skip:
@@ -42,6 +42,9 @@ What is emitted, by pass:
   4 is exact in binary floating point (up to overflow of 2x, i.e. |x| > 1.7e38 in float32).
   These kernels take rank-2 or rank-3 float32 inputs, which is checked (rank by symbolic shapes).
   `skip_layernorm` later turns such a self-skip into a real residual SkipLayerNormalization.
+  Not on onnxruntime's CPU EP: its Skip*LayerNormalization kernels are slower than Add +
+  LayerNormalization (measured, see kernels/catalogue.py), and its session turns the decomposed
+  form into LayerNormalization by itself, so there the norm is left as it is below opset 17.
 
 Only the main graph is searched (not If/Loop bodies).
 """
@@ -56,7 +59,8 @@ import onnx_ir as ir
 from onnxopt.passes import checks
 from onnxopt.passes.attention_shapes import SymbolicShapes
 from onnxopt.passes.base import OptPass
-from onnxopt.passes.registry import ORT_TARGETS, register
+from onnxopt.kernels import catalogue
+from onnxopt.passes.registry import register
 
 MS = "com.microsoft"
 LAYER_NORM_OPSET = 17
@@ -438,7 +442,9 @@ class LayerNormPass(_NormPass):
     """Decomposed LayerNorm / RMSNorm -> LayerNormalization (opset >= 17) / RMSNormalization (>= 23)."""
 
 
-@register("layernorm_ort", level=3, stage="fusion", targets=ORT_TARGETS, order=31)
+# The self-skip form runs on the SkipLayerNormalization kernel, so it goes where that kernel does.
+@register("layernorm_ort", level=3, stage="fusion", order=31,
+          targets=catalogue.kernel("SkipLayerNormalization").emit_targets)
 class LayerNormOrtPass(_NormPass):
     """Decomposed LayerNorm / RMSNorm below those opsets -> onnxruntime's fused kernel (self-skip)."""
 

@@ -113,7 +113,8 @@ def select(
 ) -> list[PassInfo]:
     """The passes a compile at (level, target, flags) runs, in order.
 
-    `enable` adds passes above the level (still only for their targets); `disable` removes passes.
+    `enable` adds passes above the level (an error for a pass that does not run for `target`);
+    `disable` removes passes.
     """
     enable, disable, flags = set(enable), set(disable), set(flags)
     for name in enable | disable:
@@ -121,6 +122,10 @@ def select(
     known_flags = {p.flag for p in _REGISTRY.values() if p.flag}
     for flag in sorted(flags - known_flags):
         raise KeyError(f"no pass implements --{flag}")
+    for name in sorted(enable - disable):
+        if target not in _REGISTRY[name].targets:
+            runs_for = ", ".join(sorted(_REGISTRY[name].targets))
+            raise KeyError(f"pass {name!r} does not run for target {target!r} (it runs for: {runs_for})")
     chosen = []
     for info in all_passes():
         if info.name in disable or target not in info.targets:

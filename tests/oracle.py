@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 import onnxopt
 from onnxopt import load, verify
+from onnxopt.passes import registry
 
 
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -62,10 +63,12 @@ def _interface(proto: onnx.ModelProto):
     return [describe(v) for v in proto.graph.input], [describe(v) for v in proto.graph.output]
 
 
-def _options(what) -> dict:
+def options_for(what) -> dict:
+    """A level, or one pass alone, on the default target if the pass runs there, else on one it runs on."""
     if isinstance(what, int):
         return {"opt_level": what}
-    return {"opt_level": 0, "enable": [what]}
+    targets = registry.get(what).targets
+    return {"opt_level": 0, "enable": [what], **({} if "cpu" in targets else {"target": min(targets)})}
 
 
 def assert_rewrite(
@@ -80,7 +83,7 @@ def assert_rewrite(
     **options,
 ) -> onnx.ModelProto:
     original = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    opts = {**_options(what), **options}
+    opts = {**options_for(what), **options}
     result = onnxopt.compile(original, verify_outputs=False, **opts)
     compiled = result.model
 

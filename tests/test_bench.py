@@ -191,3 +191,13 @@ def test_missing_peer_is_skipped(cnn, tmp_path, monkeypatch):
     fake = rep["variants"][1]
     assert fake["status"] == "skipped" and fake["reason"] == "no_such_mod_xyz is not installed (pip install no_such_mod_xyz)"
     assert [r["variant"] for r in rep["results"]] == ["original"]
+
+
+def test_norm_kernels_measures_both_forms(capsys):
+    """The benchmark behind the catalogue's `avoid` note runs the kernels it names (not timed here)."""
+    from onnxopt.bench import norm_kernels
+
+    assert set(norm_kernels.kernel_times("SkipLayerNormalization", 4, 8, threads=1, runs=2)) == {"SkipLayerNormalization"}
+    assert set(norm_kernels.kernel_times("Add + LayerNormalization", 4, 8, threads=1, runs=2)) == {"Add", "LayerNormalization"}
+    assert norm_kernels.main(["--shapes", "4x8", "--threads", "1", "--runs", "2"]) == 0
+    assert "| [1, 4, 8] | 1 |" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.bench import zoo
-from oracle import assert_rewrite, op_counts
+from oracle import assert_rewrite, op_counts, options_for
 
 D = 8
 RNG = np.random.default_rng(0)
@@ -123,7 +123,7 @@ def feeds(model, eps=1e-5):
 
 
 def report(model, pass_name, **options) -> dict:
-    result = onnxopt.compile(model, opt_level=0, enable=[pass_name], verify_outputs=False, **options)
+    result = onnxopt.compile(model, verify_outputs=False, **{**options_for(pass_name), **options})
     return next(p for p in result.report["passes"] if p["name"] == pass_name)
 
 
@@ -205,7 +205,7 @@ def test_below_opset_17_layernorm_is_declined_at_O2_and_self_skip_at_O3(opset):
     assert node.input[0] == node.input[1] == "x" and len(node.input) == 4
     # At opset >= 17 layernorm_ort leaves the work to the standard op.
     assert report(norm_model(opset=17), "layernorm_ort")["fired"] == 1
-    assert op_counts(onnxopt.compile(norm_model(opset=17), opt_level=0, enable=["layernorm_ort"],
+    assert op_counts(onnxopt.compile(norm_model(opset=17), **options_for("layernorm_ort"),
                                      verify_outputs=False).model)["LayerNormalization"] == 1
 
 
@@ -283,6 +283,16 @@ def test_bert_upgraded_to_opset_17_has_layernormalization_per_layer(kw):
                          expect_ops={"LayerNormalization": 2 * layers + 1}, absent_ops=("ReduceMean", "Sqrt"),
                          disable=["merge_qkv"])
     assert not [k for k in op_counts(out) if "." in k], "-O2 emitted a contrib op"
+
+
+def test_opset_upgrade_keeps_symbolic_output_dims():
+    """ViT's legacy export declares its output (batch, dim_1, dim_2); onnx's version converter
+    infers (batch, 17, 64). The interface is the user's: the declared symbols stay."""
+    path = zoo.build("vit", size="tiny", exporter="legacy", opset=14)
+    out = assert_rewrite(2, path, zoo.sample_feeds("vit", path), opset=17, expect_ops={"LayerNormalization": 5})
+    dims = out.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims][1:] == [d.dim_param for d in onnx.load(str(path)).graph.output[0]
+                                                               .type.tensor_type.shape.dim][1:]
 
 
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2"])
