@@ -58,6 +58,10 @@ def _upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
     result = ir.serde.deserialize_model(upgraded)
     for name, tensor in moved:
         result.graph.initializers[name].const_value = tensor
+    # The converter re-infers shapes and may pin a symbolic dimension of an input or output (ViT's
+    # sequence axis becomes 197); the interface is the user's, so it is given back as declared.
+    for before, after in zip([*model.graph.inputs, *model.graph.outputs], [*result.graph.inputs, *result.graph.outputs]):
+        after.shape, after.type = before.shape, before.type
     return result
 
 
@@ -107,6 +111,7 @@ def compile(  # noqa: A001 - the public name users expect
     options = {
         "target": target,
         "fp16_io": fp16_io,
+        "int8": int8,
         "calibration_data": calibration_data,
         "calibration_samples": calibration_samples,
         "calibration_method": calibration_method,

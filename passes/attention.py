@@ -253,6 +253,13 @@ def _leads_to_scores(value: ir.Value) -> bool:
 class AttentionFusionPass(OptPass):
     """Self-attention blocks become com.microsoft Attention (or MultiHeadAttention)."""
 
+    projections_outside = False
+
+    def configure(self, options: dict) -> None:
+        # int8 quantizes MatMuls after fusion, and Attention would hide the Q/K/V projection (three
+        # quarters of the block's FLOPs) inside a float kernel; MultiHeadAttention leaves it outside.
+        self.projections_outside = bool(options.get("int8"))
+
     def apply(self, model: ir.Model) -> int:
         graph = model.graph
         shapes = SymbolicShapes(graph)
@@ -704,7 +711,7 @@ class AttentionFusionPass(OptPass):
         if block.mask is not None and (block.mask.input is not None or block.mask.causal):
             attrs["unidirectional"] = int(block.mask.causal)
             attrs["mask_filter_value"] = float(block.mask.filter_value)
-        if block.projections is not None:
+        if block.projections is not None and not self.projections_outside:
             weight, bias = self._packed(graph, block.projections)
             widths = [p.weight.shape[1] for p in block.projections]
             if widths[2] != widths[0]:

@@ -129,6 +129,21 @@ def test_attention_matmuls_stay_float():
     assert any("both operands are activations" in d.reason for d in p.declined)
 
 
+def test_int8_at_O3_keeps_attention_projections_quantizable():
+    """With --int8, -O3 fuses the attention core into MultiHeadAttention and leaves the merged Q/K/V
+    projection outside, where it is quantized (com.microsoft Attention would keep it float inside)."""
+    path = zoo.build("bert", size="tiny")
+    calib = [zoo.sample_feeds("bert", path, seed=s) for s in range(8)]
+    result = onnxopt.compile(path, opt_level=3, int8=True, calibration_data=calib, int8_min_cosine=0.0)
+    ops = result.report["ops_after"]
+    assert ops.get("com.microsoft.MultiHeadAttention") == 2 and "com.microsoft.Attention" not in ops
+    qkv = [n for n in result.ir_model.graph if n.op_type == "MatMul" and n.inputs[1].shape[1] == 3 * n.inputs[1].shape[0]]
+    assert len(qkv) == 2
+    assert all(n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear" for n in qkv)
+    # Without --int8 the same level packs the projection into Attention.
+    assert onnxopt.compile(path, opt_level=3).report["ops_after"]["com.microsoft.Attention"] == 2
+
+
 # ---- bad calibration data: a clear error before any work ----------------------------------------
 
 
