@@ -9,7 +9,13 @@ x' = (q - zero_point) * scale.
   zeros are exact), as u8 with a zero point (x86 CPU: u8 activations x s8 weights) or as s8
   symmetric (zero point 0; GPU / TensorRT).
 * Bias of Conv / Gemm: int32 with scale = scale_x * scale_w (per channel), zero point 0, which is
-  what integer Conv kernels accumulate in.
+  what integer Conv kernels accumulate in. A channel whose weights are (nearly) all zero but whose
+  bias is not (dead channels after BatchNorm folding) would need more than 31 bits; its weight
+  scale is raised until the bias fits (`bias_scale_floor`), which only coarsens weights that
+  quantize to zero anyway.
+* Bias correction: rounding the weights shifts each output channel's mean by (W' - W) E[x]; that
+  expected shift is subtracted from the bias (`weight_bias_correction`, Nagel et al. 2019, "Data-Free
+  Quantization", empirical variant with E[x] from the calibration data).
 """
 
 from __future__ import annotations
@@ -23,8 +29,14 @@ INT32_MAX = 2**31 - 1
 _TINY = np.finfo(np.float32).tiny  # smallest normal float32
 
 
-def per_channel_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per channel along `axis`: (q int8 same shape as w, scale float32 [w.shape[axis]])."""
+# Bias codes stay within 2**30 so the int32 accumulator keeps headroom for the products.
+BIAS_LIMIT = 2**30
+
+
+def per_channel_weight(w: np.ndarray, axis: int, min_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along `axis`: (q int8 same shape as w, scale float32 [w.shape[axis]]).
+
+    `min_scale` (per channel) is a lower bound on the scale (see `bias_scale_floor`)."""
     w = np.asarray(w, dtype=np.float32)
     axis = axis % w.ndim
     others = tuple(a for a in range(w.ndim) if a != axis)
@@ -33,6 +45,8 @@ def per_channel_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
     # So does a channel so small that its scale would not be a normal float32 (x / scale would be
     # 0/0 or inf): its values are below 127 * 1.2e-38 and dequantize to 0 either way.
     scale = (amax / INT8_MAX).astype(np.float32)
+    if min_scale is not None:
+        scale = np.maximum(scale, np.asarray(min_scale, dtype=np.float32))
     scale = np.where(scale >= _TINY, scale, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
@@ -82,11 +96,36 @@ def dequantize(q: np.ndarray, scale, zero_point, axis: int | None = None) -> np.
     return ((np.asarray(q).astype(np.int64) - z) * s).astype(np.float32)
 
 
+def bias_scale_floor(b: np.ndarray, scale_x: float) -> np.ndarray:
+    """The per-channel weight scale below which bias `b` would not fit in BIAS_LIMIT codes of scale_x * scale_w."""
+    # A hair above the exact floor so float32 rounding of scale_x * scale_w cannot cross the limit.
+    return (np.abs(np.asarray(b, dtype=np.float64)) / (float(scale_x) * BIAS_LIMIT) * (1 + 1e-5)).astype(np.float32)
+
+
+def weight_bias_correction(w: np.ndarray, w_deq: np.ndarray, x_mean: np.ndarray, axis: int, group: int = 1) -> np.ndarray:
+    """E[y' - y] per output channel when W becomes its dequantized W' and x has per-channel mean x_mean.
+
+    2-D (MatMul / Gemm) weights: `axis` is the output axis, the other one meets x's last axis, so the
+    shift is (W' - W) x_mean. Conv weights [C_out, C_in / group, k...] (axis 0): each output channel
+    sums its kernel over space against the mean of its group's input channels. Zero padding makes
+    border outputs see fewer inputs; the correction is the interior one.
+    """
+    dw = np.asarray(w_deq, dtype=np.float64) - np.asarray(w, dtype=np.float64)
+    x_mean = np.asarray(x_mean, dtype=np.float64)
+    if dw.ndim == 2:
+        return (np.moveaxis(dw, axis, 0) @ x_mean).astype(np.float32)
+    if axis != 0:
+        raise ValueError("conv weights take their output channels on axis 0")
+    per_input = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # [C_out, C_in / group]
+    groups_of_out = np.arange(dw.shape[0]) // (dw.shape[0] // group)
+    return (per_input * x_mean.reshape(group, dw.shape[1])[groups_of_out]).sum(axis=1).astype(np.float32)
+
+
 def bias_int32(b: np.ndarray, scale_x: float, scale_w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(q int32, scale float32) with scale = scale_x * scale_w; None if a value would overflow int32."""
     scale = (np.float32(scale_x) * np.asarray(scale_w, dtype=np.float32)).astype(np.float32)
     scale = np.broadcast_to(scale, np.shape(b)).astype(np.float32)
     q = np.rint(np.asarray(b, dtype=np.float64) / scale.astype(np.float64))
-    if np.any(np.abs(q) > INT32_MAX) or not np.all(np.isfinite(q)):
+    if not np.all(np.isfinite(q)) or np.any(np.abs(q) > INT32_MAX):
         return None
     return q.astype(np.int32), scale

@@ -10,7 +10,10 @@ Rewrite, for a layer y = op(x, W[, b]) with constant W (and b):
   u8 with a zero point for the ``cpu``/``generic`` targets (x86 integer kernels are u8 x s8),
   s8 symmetric for ``cuda``/``tensorrt``; one Q/DQ pair per activation, shared by its quantized
   consumers;
-* b (Conv, Gemm): int32 with scale s_x * s_w, what onnxruntime's QDQ Conv fusion requires.
+* b (Conv, Gemm): int32 with scale s_x * s_w, what onnxruntime's QDQ Conv fusion requires (a
+  channel whose bias would overflow, a dead channel left by BatchNorm folding, gets a larger s_w);
+  corrected for the weight rounding: b - (DQ(W_q) - W) E[x], E[x] the per-channel mean of the
+  layer's input over the calibration data (kernels/quantize.py, weight_bias_correction).
 
 onnxruntime (graph optimizations on) turns DQ -> MatMul into MatMulIntegerToFloat and
 DQ -> Conv -> Q into QLinearConv; with optimizations off the QDQ graph runs as float ops on the
@@ -19,10 +22,9 @@ dequantized values, which is how fidelity is measured here and in verification.
 Preconditions (else the layer stays float and is declined with the reason): W constant (not an
 overridable initializer), float32 activation, Gemm without transA, ConvTranspose with group 1,
 opset >= 13 (per-axis QuantizeLinear). MatMuls of two activations (attention scores) stay float.
-At -O3 the com.microsoft Attention kernel holds its Q/K/V projection internally: it is not
-QDQ-able and stays float (declined, reported); its output projection and the feed-forward
-MatMuls, which stay separate MatMuls, are quantized. Compile at -O2 to quantize the Q/K/V
-projections too. LayerNorm, Softmax, GELU and residual additions are never quantized (they are not
+A com.microsoft Attention kernel holds its Q/K/V projection internally: it is not QDQ-able and
+stays float (declined, reported). With --int8, -O3's attention fusion therefore emits
+MultiHeadAttention and leaves the (merged) projection outside as a MatMul, which is quantized. LayerNorm, Softmax, GELU and residual additions are never quantized (they are not
 candidates).
 
 Fidelity control: the float reference outputs of the calibration samples are kept (for at most
@@ -106,6 +108,15 @@ def _session(model: ir.Model, make_session):
             graph.register_initializer(value)
 
 
+def _channel_bias(layer: "Layer") -> np.ndarray | None:
+    """The layer's constant bias if it is per output channel (what per-channel scales can match)."""
+    if layer.b is None:
+        return None
+    b = constant_array(layer.b)
+    w = constant_array(layer.w)
+    return b if b is not None and w is not None and b.shape == (w.shape[layer.axis],) else None
+
+
 def _float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in outputs.items() if np.issubdtype(v.dtype, np.floating)}
 
@@ -130,7 +141,8 @@ class QuantizeInt8Pass(OptPass):
         for node in model.graph:
             if node.domain == "com.microsoft" and node.op_type in MS_FUSED_WITH_PROJECTIONS:
                 self.decline("quantize_int8", node, "fused com.microsoft Attention holds its Q/K/V projection "
-                             "internally (not QDQ-able); it stays float — compile at -O2 to quantize the projections")
+                             "internally (not QDQ-able); it stays float — compile the unfused model with --int8, which "
+                             "keeps the projection outside the attention kernel")
                 continue
             if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
                 continue
@@ -199,7 +211,9 @@ class QuantizeInt8Pass(OptPass):
 
     # ---- calibration ------------------------------------------------------------------------
 
-    def _calibrate(self, model: ir.Model, acts: list[ir.Value], source, make_session):
+    def _calibrate(self, model: ir.Model, acts: list[ir.Value], mean_axes: dict[str, int], source, make_session):
+        """|x| histograms of `acts`, per-channel sums of those in `mean_axes` (name -> channel axis),
+        kept samples for fidelity; one streamed pass over the data."""
         graph = model.graph
         inputs = {v.name for v in graph.inputs}
         out_names = [v.name for v in graph.outputs]
@@ -214,6 +228,7 @@ class QuantizeInt8Pass(OptPass):
         # Activations that are graph inputs come from the feed; those that are outputs already are fetched once.
         act_names = [v.name for v in acts if v.name not in inputs and v.name not in out_names]
         hists = {v.name: calibration.AbsHistogram() for v in acts}
+        sums: dict[str, list] = {name: [0.0, 0] for name in mean_axes}  # channel sum, count per channel
         fit, heldout = [], []
         n_calib = n_held = 0
         t_run = 0.0
@@ -246,12 +261,18 @@ class QuantizeInt8Pass(OptPass):
                     hists[v.name].update(data)
                 except ValueError:
                     raise CalibrationError(f"calibration sample {k} gives NaN or infinite values at {v.name!r}") from None
+                if v.name in mean_axes:
+                    channels = np.moveaxis(np.asarray(data, dtype=np.float64), mean_axes[v.name], -1)
+                    channels = channels.reshape(-1, channels.shape[-1])
+                    sums[v.name][0] += channels.sum(axis=0)
+                    sums[v.name][1] += channels.shape[0]
             if len(fit) < FIT_SAMPLES:
                 fit.append((feed, ref))
         if n_calib < 1 or n_held < 1:
             raise CalibrationError(f"calibration data has {n_calib + n_held} sample(s), {calibration_data.MIN_SAMPLES} needed")
         timing = {"total_s": round(time.perf_counter() - t0, 4), "inference_s": round(t_run, 4)}
-        return hists, fit, heldout, {"calibration": n_calib, "held_out": n_held}, timing
+        means = {name: total / count for name, (total, count) in sums.items()}
+        return hists, means, fit, heldout, {"calibration": n_calib, "held_out": n_held}, timing
 
     # ---- fidelity ---------------------------------------------------------------------------
 
@@ -284,7 +305,7 @@ class QuantizeInt8Pass(OptPass):
         opset = model.opset_imports.get("", 0)
         graph = model.graph
         self.details = {"method": method, "activation_type": act_type, "weight_type": "int8 per-channel symmetric",
-                        "min_cosine": min_cos, "layers": [], "excluded": [], "scales": {}}
+                        "min_cosine": min_cos, "layers": [], "excluded": [], "scales": {}, "bias_corrected": 0}
         if opset < 13:
             self.decline("quantize_int8", None, f"model opset {opset} < 13: per-channel QuantizeLinear needs opset 13")
             return 0
@@ -301,7 +322,10 @@ class QuantizeInt8Pass(OptPass):
             if all(layer.x is not a for a in acts):
                 acts.append(layer.x)
 
-        hists, fit, heldout, counts, timing = self._calibrate(model, acts, source, make_session)
+        # Input channel means for bias correction: layers with a constant per-channel bias.
+        mean_axes = {lyr.x.name: (1 if lyr.node.op_type == "Conv" else -1) for lyr in layers
+                     if lyr.node.op_type in ("Conv", "Gemm") and _channel_bias(lyr) is not None}
+        hists, means, fit, heldout, counts, timing = self._calibrate(model, acts, mean_axes, source, make_session)
         self.details["samples"] = counts
         self.details["calibration_time_s"] = timing
 
@@ -335,12 +359,14 @@ class QuantizeInt8Pass(OptPass):
             }
 
         # Weight (and bias) DQs, one weight per initializer even if shared.
-        weight_dq: dict[int, tuple[ir.Value, np.ndarray]] = {}
+        weight_dq: dict[int, tuple[ir.Value, np.ndarray, np.ndarray]] = {}  # DQ output, scales, W'
         for layer in layers:
             layer.x_dq, s_x = act_dq[id(layer.x)]
             key = id(layer.w)
+            ba = _channel_bias(layer)
             if key not in weight_dq:
-                wq, sw = quantize.per_channel_weight(constant_array(layer.w), layer.axis)
+                floor = quantize.bias_scale_floor(ba, s_x) if ba is not None else None
+                wq, sw = quantize.per_channel_weight(constant_array(layer.w), layer.axis, min_scale=floor)
                 base = layer.w.name
                 wq_val = _new_initializer(graph, wq, f"{base}.int8")
                 sw_val = _new_initializer(graph, sw, f"{base}.int8_scale")
@@ -352,13 +378,17 @@ class QuantizeInt8Pass(OptPass):
                 dq.outputs[0].shape = layer.w.shape
                 graph.insert_before(layer.node, dq)
                 new_nodes.append(dq)
-                weight_dq[key] = (dq.outputs[0], sw)
-            layer.w_dq, sw = weight_dq[key]
-            if layer.b is not None:
-                ba = constant_array(layer.b)
-                # Only a per-channel bias ([channels]) matches the per-channel weight scales.
-                qb = quantize.bias_int32(ba, s_x, sw) if ba is not None and ba.shape == sw.shape else None
+                weight_dq[key] = (dq.outputs[0], sw, quantize.dequantize(wq, sw, 0, axis=layer.axis))
+            layer.w_dq, sw, w_deq = weight_dq[key]
+            if ba is not None:
+                if layer.x.name in means:
+                    # Subtract the mean output shift that rounding the weights causes.
+                    group = layer.node.attributes.get_int("group", 1) if layer.node.op_type == "Conv" else 1
+                    ba = ba - quantize.weight_bias_correction(constant_array(layer.w), w_deq, means[layer.x.name],
+                                                              layer.axis, group)
+                qb = quantize.bias_int32(ba, s_x, sw)
                 if qb is not None:
+                    self.details["bias_corrected"] += layer.x.name in means
                     bq, sb = qb
                     base = f"{layer.b.name}.{layer.name}"
                     bq_val = _new_initializer(graph, bq, f"{base}.int32")

@@ -78,6 +78,10 @@ def test_digits_cnn_details_and_idempotence(digits):
     assert relu and all(s["zero_point"] == 0 and s["range"][0] == 0.0 for s in relu)
     assert d["scales"]["input"]["zero_point"] in range(120, 136)
     assert d["fidelity"]["held_out_min_cosine"] >= 0.999
+    # Every quantized layer with a bias (2 Convs, the Gemm) has it corrected for the weight rounding.
+    with_bias = [n for n in model.graph if n.op_type in ("Conv", "Gemm") and len(n.inputs) > 2
+                 and n.inputs[2].name.endswith("int32_dq")]
+    assert d["bias_corrected"] == len(with_bias) == 3
     # A second run finds every layer fed by DequantizeLinear and changes nothing.
     again = QuantizeInt8Pass()
     again.configure(p.options)

@@ -213,3 +213,55 @@ def test_bias_int32():
     assert q.dtype == np.int32
     np.testing.assert_allclose(q * s, b, atol=np.max(s) / 2)
     assert quantize.bias_int32(np.array([1e9], np.float32), 1e-6, np.array([1e-6], np.float32)) is None
+
+
+def test_dead_channel_bias_fits_after_the_scale_floor():
+    """A folded BatchNorm can leave a channel with ~0 weights and a real bias (EfficientNet-Lite0 has
+    such channels): the plain scale makes the bias overflow int32, the floored one fits."""
+    w = np.array([[1e-10, -1e-10], [0.5, -0.25]], np.float32)  # rows: output channels (axis 0)
+    b = np.array([0.8, 0.1], np.float32)
+    s_x = 0.02
+    _, plain = quantize.per_channel_weight(w, 0)
+    assert quantize.bias_int32(b, s_x, plain) is None
+    q, s = quantize.per_channel_weight(w, 0, min_scale=quantize.bias_scale_floor(b, s_x))
+    assert s[1] == plain[1] and np.all(q[0] == 0)  # a live channel keeps its scale
+    qb, sb = quantize.bias_int32(b, s_x, s)
+    assert np.abs(qb).max() <= quantize.BIAS_LIMIT
+    np.testing.assert_allclose(qb * sb, b, atol=float(sb.max()))
+
+
+def _ort_conv(x, w, group):
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=group)], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x, "w": w})[0]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_weight_bias_correction_is_the_mean_output_shift_of_a_conv(group):
+    """A conv is linear in W, so on inputs constant over space (every output window sees the channel
+    mean) E[conv(x, W') - conv(x, W)] per channel is exactly the correction from the channel means."""
+    rng = np.random.default_rng(group)
+    x = np.broadcast_to(rng.normal(0.7, 1.0, (8, 4, 1, 1)), (8, 4, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((8, 4 // group, 3, 3)).astype(np.float32)
+    q, s = quantize.per_channel_weight(w, 0)
+    w_deq = quantize.dequantize(q, s, 0, axis=0)
+    shift = (_ort_conv(x, w_deq, group) - _ort_conv(x, w, group)).mean(axis=(0, 2, 3))
+    got = quantize.weight_bias_correction(w, w_deq, x.mean(axis=(0, 2, 3)), axis=0, group=group)
+    np.testing.assert_allclose(got, shift, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_weight_bias_correction_of_a_gemm(axis):
+    rng = np.random.default_rng(axis)
+    x = rng.normal(0.5, 1.0, (32, 5))
+    w = rng.standard_normal((5, 3) if axis == 1 else (3, 5)).astype(np.float32)  # axis = output axis
+    q, s = quantize.per_channel_weight(w, axis)
+    w_deq = quantize.dequantize(q, s, 0, axis=axis)
+    wx = (lambda m: x @ m) if axis == 1 else (lambda m: x @ m.T)
+    shift = (wx(w_deq.astype(np.float64)) - wx(w.astype(np.float64))).mean(axis=0)
+    np.testing.assert_allclose(quantize.weight_bias_correction(w, w_deq, x.mean(axis=0), axis=axis), shift, rtol=1e-5)
