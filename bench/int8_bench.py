@@ -84,6 +84,8 @@ def _session(path, optimize: bool = True, threads: int | None = None, profile: s
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
+    # Several sessions alternate in one process: no spin-waiting threads (see latency.session).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     if profile:
