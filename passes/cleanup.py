@@ -8,7 +8,8 @@ registry entry and the accounting the report needs.
 - fold_initializer_inputs: (flag) initializers that are also graph inputs (IR v3 exports) become
                            plain constants. Off by default: it removes inputs from the interface.
 - fold_constants:          a node whose inputs are all constant is replaced by its value, including
-                           Shape/Gather/Concat/Reshape/ConstantOfShape chains over static shapes.
+                           Shape/Gather/Concat/Reshape chains over static shapes and small
+                           (<= 1024 elements) ConstantOfShape results.
                            Initializers that are also graph inputs are never treated as constants.
 - remove_noops:            Identity(x) = x; Dropout(x) at inference = x; Cast(x, to=dtype(x)) = x;
                            Transpose(x, perm=identity) = x; Reshape/Expand(x, shape(x)) = x;
@@ -76,11 +77,21 @@ class FoldInitializerInputsPass(OptPass):
         return _run([common.RemoveInitializersFromInputsPass()], model)
 
 
-def _not_an_overridable_input(node: ir.Node) -> bool | None:
+# ConstantOfShape results up to this many elements are folded (onnxscript keeps every
+# ConstantOfShape so as not to materialize large tensors; small ones are shape arithmetic, such
+# as the "same" padding amounts of TF-style exports, which must become constants for Pad fusion).
+SMALL_CONSTANT_OF_SHAPE = 1024
+
+
+def _should_fold(node: ir.Node) -> bool | None:
     # A value that is both initializer and graph input is a default the caller may override:
     # folding it would bake the default in.
     if any(v is not None and v.is_graph_input() for v in node.inputs):
         return False
+    if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx"):
+        shape = checks.constant_array(node.inputs[0]) if node.inputs else None
+        if shape is not None and shape.ndim == 1 and np.all(shape >= 0) and int(np.prod(shape)) <= SMALL_CONSTANT_OF_SHAPE:
+            return True
     return None
 
 
@@ -91,7 +102,7 @@ class FoldConstantsPass(OptPass):
     def apply(self, model: ir.Model) -> int:
         return _changes(
             model,
-            lambda m: fold_constants_ir(m, should_fold=_not_an_overridable_input).modified,
+            lambda m: fold_constants_ir(m, should_fold=_should_fold).modified,
         )
 
 

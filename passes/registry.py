@@ -45,6 +45,7 @@ class PassInfo:
 # BiasGelu and attention then match; attention runs before the merged-QKV fallback so that QKV
 # merging only sees the blocks attention declined.
 ORDER_GUIDE = {
+    "fold_pad": 5,
     "fold_batchnorm": 10,
     "fold_bias": 20,
     "layernorm": 30,

@@ -247,3 +247,15 @@ def test_unused_local_functions_are_removed_and_used_ones_kept():
     """)
     out = assert_rewrite(1, m, feeds={"x": np.array([1.0, -2.0], np.float32)})
     assert [f.name for f in out.functions] == ["Double"]
+
+
+@pytest.mark.parametrize("n, folded", [(4, True), (2048, False)])
+def test_small_constant_of_shape_folds_large_stays(n, folded):
+    """Shape arithmetic (pad amounts) folds; a large ConstantOfShape is not materialized."""
+    m = parse(HEADER + f"""
+    g (float[{n}] x) => (float[{n}] y) <int64[1] s = {{{n}}}> {{
+        z = ConstantOfShape<value = float[1] {{1.5}}>(s)
+        y = Add(x, z)
+    }}""")
+    feeds = {"x": np.arange(n, dtype=np.float32)}
+    assert_rewrite(1, m, feeds, expect_ops={"ConstantOfShape": 0 if folded else 1})
