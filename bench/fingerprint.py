@@ -16,6 +16,8 @@ import platform
 import shutil
 import subprocess
 
+from onnxopt.host import cpu_flags, cpuinfo
+
 # Flags worth reporting, in the order shown (x86 /proc/cpuinfo "flags", arm64 "Features").
 SIMD_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni",
@@ -23,20 +25,6 @@ SIMD_FLAGS = (
     "amx_tile", "amx_int8", "amx_bf16",
     "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2",
 )
-
-
-def _cpuinfo() -> dict[str, str]:
-    """First value of each /proc/cpuinfo key (Linux); empty elsewhere."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep:
-                    info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return info
 
 
 def _memory_gb() -> float | None:
@@ -79,9 +67,9 @@ def gpus() -> list[dict]:
 
 
 def cpu() -> dict:
-    info = _cpuinfo()
+    info = cpuinfo()
     model = info.get("model name") or info.get("Hardware") or platform.processor() or platform.machine()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
+    flags = cpu_flags(info)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, emit, load, pipeline, report, verify, weights
+from onnxopt import __version__, emit, host, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.passes import registry
 from onnxopt.passes.calibration_data import CalibrationError
@@ -84,6 +84,7 @@ def compile(  # noqa: A001 - the public name users expect
     calibration_samples: int | None = None,
     calibration_method: str = "entropy",
     int8_min_cosine: float = 0.99,
+    int8_reduce_range: bool | None = None,
 ) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
 
@@ -92,7 +93,9 @@ def compile(  # noqa: A001 - the public name users expect
     Lossy transforms run only when asked (`fp16`, `int8` with `calibration_data`: an .npz path, a
     folder of .npz/.npy files, or an iterable of feed dicts); for them verification reports the
     fidelity reached (relative error, cosine) and fails only on non-finite outputs or a cosine
-    below the transform's target.
+    below the transform's target. `int8_reduce_range` (7-bit weights) defaults to what the compiling
+    host needs for the cpu target (on for x86 without VNNI, see onnxopt.host); pass True/False when
+    compiling for another machine.
     """
     start = time.perf_counter()
     if opt_level not in LEVELS:
@@ -108,6 +111,8 @@ def compile(  # noqa: A001 - the public name users expect
     # out of distribution for calibrated ranges, so there verification only requires finite outputs
     # and reports the cosine.
     lossy_min_cosine = -1.0 if int8 else (FP16_MIN_COSINE if fp16 else None)
+    if int8_reduce_range is None:
+        int8_reduce_range = target == "cpu" and host.u8s8_saturates()
     options = {
         "target": target,
         "fp16_io": fp16_io,
@@ -116,9 +121,11 @@ def compile(  # noqa: A001 - the public name users expect
         "calibration_samples": calibration_samples,
         "calibration_method": calibration_method,
         "int8_min_cosine": int8_min_cosine,
+        "int8_reduce_range": int8_reduce_range,
         "input_shapes": input_shapes,
         # Passes must not import the compiler package; calibration gets its sessions from here.
         "make_session": verify.session,
+        "make_kernel_session": functools.partial(verify.session, optimize=True),
     }
     try:
         infos = registry.select(opt_level, target, enable=enable, disable=disable, flags=flags)
@@ -176,6 +183,7 @@ def compile(  # noqa: A001 - the public name users expect
             "int8": int8,
             "calibration_method": calibration_method if int8 else None,
             "int8_min_cosine": int8_min_cosine if int8 else None,
+            "int8_reduce_range": int8_reduce_range if int8 else None,
         },
         "passes": records,
         "ops_before": ops_before,

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range method (default entropy: minimum KL divergence)")
     p.add_argument("--int8-min-cosine", type=float, default=0.99,
                    help="fidelity target: keep the worst layers in float until every output reaches this cosine")
+    p.add_argument("--int8-reduce-range", choices=["auto", "on", "off"], default="auto",
+                   help="7-bit weights, needed where u8 x s8 kernels saturate (x86 without VNNI); "
+                        "auto: decided by this machine for --target cpu")
     p.add_argument("--enable", action="append", default=[], metavar="PASS", help="run this pass too")
     p.add_argument("--disable", action="append", default=[], metavar="PASS", help="do not run this pass")
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
@@ -135,6 +138,7 @@ def run_compile(args) -> int:
         calibration_samples=args.calibration_samples,
         calibration_method=args.calibration_method,
         int8_min_cosine=args.int8_min_cosine,
+        int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
     )
     result.save(out, external_data=True if args.external_data else None)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)

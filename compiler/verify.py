@@ -136,10 +136,13 @@ def synthesize_feeds(
     return feeds
 
 
-def session(model: onnx.ModelProto | ir.Model | str | os.PathLike, providers=("CPUExecutionProvider",)):
-    """An onnxruntime session with every graph optimization off."""
+def session(model: onnx.ModelProto | ir.Model | str | os.PathLike, providers=("CPUExecutionProvider",),
+            optimize: bool = False):
+    """An onnxruntime session with every graph optimization off (`optimize`: all on, as deployed;
+    for measuring what the fused and integer kernels compute)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 3
     # Verification runs once: pre-packing weights would only add a copy and startup time.
     options.add_session_config_entry("session.disable_prepacking", "1")

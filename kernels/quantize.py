@@ -4,7 +4,10 @@ QuantizeLinear: q = saturate(round_half_even(x / scale) + zero_point); Dequantiz
 x' = (q - zero_point) * scale.
 
 * Weights: per-channel symmetric int8, q in [-127, 127] (the -128 code is left unused so the range is
-  symmetric and s8 x u8 products cannot overflow the 16-bit intermediate of some x86 kernels).
+  symmetric), or in [-63, 63] with `reduce_range` (7 bits). x86 CPUs without VNNI multiply u8
+  activations by s8 weights with `vpmaddubsw`, which adds two adjacent products into a saturating
+  int16: 2 * 255 * 127 = 64770 overflows 32767, and the integer kernels silently differ from what
+  QDQ means. With 7-bit weights, 2 * 255 * 63 = 32130 fits (what onnxruntime calls reduce_range).
 * Activations: an affine range [lo, hi], always widened to contain 0 (so zero padding and ReLU
   zeros are exact), as u8 with a zero point (x86 CPU: u8 activations x s8 weights) or as s8
   symmetric (zero point 0; GPU / TensorRT).
@@ -23,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 INT8_MAX = 127
+# Largest weight code with reduce_range: pair sums of u8 x s7 products fit in int16.
+INT7_MAX = 63
 INT32_MAX = 2**31 - 1
 
 
@@ -33,10 +38,13 @@ _TINY = np.finfo(np.float32).tiny  # smallest normal float32
 BIAS_LIMIT = 2**30
 
 
-def per_channel_weight(w: np.ndarray, axis: int, min_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def per_channel_weight(w: np.ndarray, axis: int, min_scale: np.ndarray | None = None,
+                       reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per channel along `axis`: (q int8 same shape as w, scale float32 [w.shape[axis]]).
 
-    `min_scale` (per channel) is a lower bound on the scale (see `bias_scale_floor`)."""
+    `min_scale` (per channel) is a lower bound on the scale (see `bias_scale_floor`); `reduce_range`
+    keeps q in [-63, 63] (see the module docstring)."""
+    qmax = INT7_MAX if reduce_range else INT8_MAX
     w = np.asarray(w, dtype=np.float32)
     axis = axis % w.ndim
     others = tuple(a for a in range(w.ndim) if a != axis)
@@ -44,13 +52,13 @@ def per_channel_weight(w: np.ndarray, axis: int, min_scale: np.ndarray | None = 
     # An all-zero channel quantizes to zeros with any scale; 1 keeps DequantizeLinear well defined.
     # So does a channel so small that its scale would not be a normal float32 (x / scale would be
     # 0/0 or inf): its values are below 127 * 1.2e-38 and dequantize to 0 either way.
-    scale = (amax / INT8_MAX).astype(np.float32)
+    scale = (amax / qmax).astype(np.float32)
     if min_scale is not None:
         scale = np.maximum(scale, np.asarray(min_scale, dtype=np.float32))
     scale = np.where(scale >= _TINY, scale, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 

@@ -4,7 +4,10 @@ Rewrite, for a layer y = op(x, W[, b]) with constant W (and b):
 
     y = op(DQ(Q(x, s_x, z_x)), DQ(W_q, s_w, axis=c)[, DQ(b_q, s_x * s_w)])
 
-* W_q = round(W / s_w) per output channel c, symmetric int8 in [-127, 127];
+* W_q = round(W / s_w) per output channel c, symmetric int8 in [-127, 127], or [-63, 63] with
+  reduce_range: the default for the ``cpu`` target on an x86 host without VNNI, whose u8 x s8
+  kernels saturate a 16-bit pair sum with 8-bit weights (kernels/quantize.py; the caller decides,
+  ``int8_reduce_range``);
 * x: an activation range [lo, hi] from calibration (``entropy`` — TensorRT's KL threshold on a
   2048-bin |x| histogram —, ``minmax`` or ``percentile``, math in ``onnxopt.kernels.calibration``);
   u8 with a zero point for the ``cpu``/``generic`` targets (x86 integer kernels are u8 x s8),
@@ -32,7 +35,10 @@ Fidelity control: the float reference outputs of the calibration samples are kep
 ``int8_min_cosine``, each layer's own error is measured (1 - cosine with only that layer
 quantized), and the worst layers go back to float, one by one, until the target holds. Every
 fifth sample is held out of the histograms and of that selection; the fidelity on the held-out
-samples is what the report states.
+samples is what the report states. Per-layer errors are measured on the QDQ graph run as float
+ops (what the QDQ graph means); the fidelity checks for the ``cpu`` target run onnxruntime with its
+graph optimizations on (``make_kernel_session``), i.e. the integer kernels the user will run, so a
+kernel that differs from the QDQ meaning on this host cannot pass unseen. The report gives both.
 """
 
 from __future__ import annotations
@@ -115,6 +121,13 @@ def _channel_bias(layer: "Layer") -> np.ndarray | None:
     b = constant_array(layer.b)
     w = constant_array(layer.w)
     return b if b is not None and w is not None and b.shape == (w.shape[layer.axis],) else None
+
+
+def _depthwise(layer: "Layer") -> bool:
+    """A Conv with one input channel per group."""
+    w = layer.w.shape
+    return layer.node.op_type == "Conv" and w is not None and len(w) > 1 and w[1] == 1 and \
+        layer.node.attributes.get_int("group", 1) > 1
 
 
 def _float_outputs(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -297,15 +310,23 @@ class QuantizeInt8Pass(OptPass):
             raise CalibrationError(f"--int8-min-cosine must be in [0, 1] (got {min_cos})")
         target = opts.get("target", "cpu")
         act_type = "int8" if target in ("cuda", "tensorrt") else "uint8"
+        reduce_range = bool(opts.get("int8_reduce_range", False))
         make_session = opts.get("make_session")
         if make_session is None:
             raise CalibrationError("int8 quantization needs a session factory (options['make_session'])")
+        # Fidelity is checked on what runs: onnxruntime's CPU integer kernels for the cpu target; other
+        # targets' kernels are not on this machine, so there the QDQ meaning is what can be measured.
+        check_session = (opts.get("make_kernel_session") if target == "cpu" else None) or make_session
         # Bad data fails here, before any graph work.
         source = calibration_data.open_source(opts.get("calibration_data"), model, opts.get("calibration_samples"))
         opset = model.opset_imports.get("", 0)
         graph = model.graph
-        self.details = {"method": method, "activation_type": act_type, "weight_type": "int8 per-channel symmetric",
-                        "min_cosine": min_cos, "layers": [], "excluded": [], "scales": {}, "bias_corrected": 0}
+        weight_type = "int8 per-channel symmetric" + (", 7-bit range [-63, 63] (reduce_range)" if reduce_range else "")
+        self.details = {"method": method, "activation_type": act_type, "weight_type": weight_type,
+                        "reduce_range": reduce_range, "min_cosine": min_cos,
+                        "fidelity_measured_on": ("onnxruntime CPU integer kernels (graph optimizations on)"
+                                                 if check_session is not make_session else
+                                                 "the QDQ graph run as float ops (onnxruntime optimizations off)"), "layers": [], "excluded": [], "scales": {}, "bias_corrected": 0}
         if opset < 13:
             self.decline("quantize_int8", None, f"model opset {opset} < 13: per-channel QuantizeLinear needs opset 13")
             return 0
@@ -366,7 +387,8 @@ class QuantizeInt8Pass(OptPass):
             ba = _channel_bias(layer)
             if key not in weight_dq:
                 floor = quantize.bias_scale_floor(ba, s_x) if ba is not None else None
-                wq, sw = quantize.per_channel_weight(constant_array(layer.w), layer.axis, min_scale=floor)
+                wq, sw = quantize.per_channel_weight(constant_array(layer.w), layer.axis, min_scale=floor,
+                                                     reduce_range=reduce_range and not _depthwise(layer))
                 base = layer.w.name
                 wq_val = _new_initializer(graph, wq, f"{base}.int8")
                 sw_val = _new_initializer(graph, sw, f"{base}.int8_scale")
@@ -405,7 +427,7 @@ class QuantizeInt8Pass(OptPass):
             layer.enable(True)
 
         # Fidelity control on the calibration samples.
-        cos = self._fidelity(model, fit, make_session)
+        cos = self._fidelity(model, fit, check_session)
         fit_min = min(cos)
         self.details["fidelity_all_quantized"] = {"calibration_min_cosine": fit_min}
         if fit_min < min_cos:
@@ -425,20 +447,22 @@ class QuantizeInt8Pass(OptPass):
                 self.details["excluded"].append({"node": layer.name, "op": layer.node.op_type,
                                                  "error": layer.error})
                 if any(lyr.node.inputs[1] is lyr.w_dq for lyr in layers):
-                    fit_min = min(self._fidelity(model, fit, make_session))
+                    fit_min = min(self._fidelity(model, fit, check_session))
                 else:
                     fit_min = 1.0
         kept = [lyr for lyr in layers if lyr.node.inputs[1] is lyr.w_dq]
         for layer in layers:
             self.details["layers"].append({"node": layer.name, "op": layer.node.op_type, "input": layer.x.name,
                                            "quantized": layer in kept, "error": layer.error})
-        held = self._fidelity(model, heldout, make_session)
+        held = self._fidelity(model, heldout, check_session)
         self.details["fidelity"] = {
             "calibration_min_cosine": fit_min,
             "held_out_min_cosine": min(held),
             "held_out_mean_cosine": float(np.mean(held)),
             "held_out_samples": len(held),
         }
+        if check_session is not make_session:
+            self.details["fidelity"]["held_out_min_cosine_qdq_float"] = min(self._fidelity(model, heldout, make_session))
         self._remove_unused(graph, new_nodes, layers)
         self.details["quantized"] = len(kept)
         self.details["float"] = len(layers) - len(kept)

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxopt
-from onnxopt import verify
+from onnxopt import host, verify
 from onnxopt.bench import zoo
 from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
 
@@ -193,3 +193,89 @@ def test_bad_sources_are_refused(digits, tmp_path):
     assert compile_with(str(tmp_path)).report["ops_after"]["QuantizeLinear"] == 3
     gen = ({"input": x_tr[i : i + 1]} for i in range(10))
     assert compile_with(gen).report["ops_after"]["QuantizeLinear"] == 3
+
+
+def _saturation_model() -> onnx.ModelProto:
+    """A 1x1 Conv, a depthwise Conv and a MatMul whose weights are all large: with u8 activations near
+    their max, pairs of u8 x s8 products overflow int16 (2 * 255 * 127) unless weights have 7 bits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = 64
+    inits = [
+        numpy_helper.from_array((np.sign(rng.standard_normal((c, c, 1, 1))) * (1 + 0.01 * rng.random((c, c, 1, 1))))
+                                .astype(np.float32), "w_pointwise"),
+        numpy_helper.from_array((1 + 0.01 * rng.random((c, 1, 3, 3))).astype(np.float32), "w_depthwise"),
+        numpy_helper.from_array((1 + 0.01 * rng.random((c, 16))).astype(np.float32), "w_matmul"),
+        numpy_helper.from_array(np.array([1, 16, c], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_pointwise"], ["p"]),
+        helper.make_node("Relu", ["p"], ["r"]),
+        helper.make_node("Conv", ["r", "w_depthwise"], ["d"], group=c, pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["d"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["t", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w_matmul"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "saturation", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _kernels_vs_qdq(model: onnx.ModelProto, feeds) -> float:
+    """Worst relative difference between onnxruntime's integer kernels and the QDQ graph run as floats."""
+    worst = 0.0
+    fast, exact = verify.session(model, optimize=True), verify.session(model)
+    for feed in feeds:
+        a, b = fast.run(None, feed)[0], exact.run(None, feed)[0]
+        worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+    return worst
+
+
+def _saturation_int8(reduce_range):
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.random((1, 64, 4, 4)).astype(np.float32)} for _ in range(20)]
+    result = onnxopt.compile(_saturation_model(), opt_level=2, int8=True, calibration_data=feeds,
+                             int8_min_cosine=0.0, verify_outputs=False, int8_reduce_range=reduce_range)
+    details = next(r for r in result.report["passes"] if r["name"] == "quantize_int8")["details"]
+    assert details["quantized"] == 3
+    return result, details, feeds
+
+
+def test_int8_integer_kernels_compute_what_the_qdq_graph_means():
+    # On every host the default weight range makes onnxruntime's integer kernels agree with the QDQ
+    # meaning (float rounding only), and the report says how fidelity was measured.
+    result, details, feeds = _saturation_int8(None)
+    assert details["reduce_range"] == host.u8s8_saturates()
+    assert details["fidelity_measured_on"].startswith("onnxruntime CPU integer kernels")
+    assert "held_out_min_cosine_qdq_float" in details["fidelity"]
+    assert _kernels_vs_qdq(result.model, feeds) < 1e-3
+    weights = {n.inputs[0].name: n.inputs[0].const_value.numpy() for n in result.ir_model.graph
+               if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+               and n.inputs[0].const_value.dtype == ir.DataType.INT8}
+    # 7 bits where the kernel goes through int16 pair sums; the depthwise kernel accumulates in int32.
+    limit = 63 if details["reduce_range"] else 127
+    assert np.abs(weights["w_pointwise.int8"]).max() == limit
+    assert np.abs(weights["w_matmul.int8"]).max() == limit
+    assert np.abs(weights["w_depthwise.int8"]).max() == 127
+
+
+@pytest.mark.skipif(not host.u8s8_saturates(), reason="this CPU has VNNI: its u8 x s8 kernels do not saturate")
+def test_int8_8bit_weights_saturate_on_this_host():
+    # Why the default is 7 bits here: forced 8-bit weights make the kernels differ from the QDQ meaning.
+    result, details, feeds = _saturation_int8(False)
+    assert not details["reduce_range"]
+    assert _kernels_vs_qdq(result.model, feeds) > 1e-2
+
+
+@pytest.mark.parametrize(("flags", "machine", "saturates"), [
+    ({"avx2", "fma"}, "x86_64", True),
+    ({"avx2", "avx512f", "avx512bw"}, "x86_64", True),
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", False),
+    ({"avx2", "avx_vnni"}, "x86_64", False),
+    ({"amx_int8", "avx512f"}, "x86_64", False),
+    (set(), "AMD64", True),
+    ({"asimd", "asimddp"}, "aarch64", False),
+])
+def test_host_u8s8_saturation(flags, machine, saturates):
+    assert host.u8s8_saturates(flags, machine) is saturates

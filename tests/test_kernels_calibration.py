@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -67,9 +68,12 @@ def test_streaming_is_order_and_sharding_independent(chunks, rnd):
         assert h.edge == one.edge
         np.testing.assert_array_equal(h.counts, one.counts)
         assert (h.zeros, h.min, h.max, h.total) == (one.zeros, one.min, one.max, one.total)
+        assert (h.min_count, h.max_count) == (one.min_count, one.max_count)
     all_ = np.concatenate(chunks)
     assert one.total == all_.size
     assert one.zeros == int(np.count_nonzero(all_ == 0))
+    assert one.max_count == int(np.count_nonzero(all_ == all_.max()))
+    assert one.min_count == int(np.count_nonzero(all_ == all_.min()))
     if one.edge:
         assert np.abs(all_).max() < one.edge <= 2 * np.abs(all_).max()
 
@@ -117,6 +121,28 @@ def test_zero_spike_does_not_move_the_threshold():
     without = calibration.AbsHistogram().update(positive)
     assert calibration.entropy_threshold(with_zeros) == calibration.entropy_threshold(without)
     assert with_zeros.zeros >= 900_000
+
+
+def test_saturation_spike_keeps_the_clip_bound():
+    # Real statistics: EfficientNet-Lite0's block-14 ReLU6 output over 52 photo crops
+    # (tests/data/relu6_histogram.npz), 491 values (0.08 % of the non-zero ones) exactly at 6.
+    # KL alone clips at about 3.1, moving that whole spike; the range must keep 6.
+    data = np.load(Path(__file__).parent / "data" / "relu6_histogram.npz")
+    h = calibration.AbsHistogram()
+    h.counts, h.edge, h.zeros = data["counts"].astype(np.int64), float(data["edge"]), int(data["zeros"])
+    h.min, h.max, h.max_count = 0.0, 6.0, int(data["max_count"])
+    assert h.saturated() == (False, True)
+    assert calibration.entropy_threshold(h) < 3.5
+    for method in calibration.METHODS:
+        assert calibration.activation_range(h, method, unsigned=True) == (0.0, 6.0)
+    rng = np.random.default_rng(3)
+    hardtanh = np.clip(rng.standard_normal(400_000), -1.5, 1.5)
+    assert calibration.activation_range(calibration.AbsHistogram().update(hardtanh), "entropy") == (-1.5, 1.5)
+    # A continuous heavy-tailed tensor holds its extremes once: still clipped.
+    smooth = calibration.AbsHistogram().update(rng.laplace(size=400_000))
+    assert smooth.saturated() == (False, False)
+    lo, hi = calibration.activation_range(smooth, "entropy")
+    assert hi < smooth.max and lo > smooth.min
 
 
 def test_discrete_data_is_not_collapsed_to_one_bin():
