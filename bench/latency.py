@@ -4,7 +4,10 @@ optimizer output, measured in one process with alternating rounds.
 Every variant runs with onnxruntime's *default* session optimizations (ORT_ENABLE_ALL), as users run
 them: the question is whether onnxopt's output is faster than what onnxruntime already does on its own.
 Rounds alternate between variants (rotating the order each round) so machine drift hits all alike;
-we report medians over all timed runs, p90, and each variant's ratio to the original.
+we report medians over all timed runs, p90, and each variant's ratio to the original: the median of
+the per-round ratios with their interquartile range, so a ratio whose range straddles 1 is a tie.
+The kernels column is what onnxruntime runs after its own optimizations (op counts of the optimized
+graph); two variants with the same kernels can differ only by noise.
 
     python -m onnxopt.bench.latency --models bert,vit,resnet,mobilenetv2 --size base --rounds 15
 """
@@ -110,19 +113,51 @@ def variants(name: str, size: str, tmp: Path) -> dict[str, Path]:
     return out
 
 
+def round_ratios(lat: dict, base: dict) -> dict:
+    """Median and interquartile range of the per-round ratios variant / base (same rounds, same order)."""
+    r = np.asarray(lat["round_medians"]) / np.asarray(base["round_medians"])
+    q25, q50, q75 = np.percentile(r, [25, 50, 75])
+    return {"median": round(float(q50), 4), "q25": round(float(q25), 4), "q75": round(float(q75), 4)}
+
+
+def kernels(path: str | Path, tmp: Path, threads: int) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs after its default optimizations."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    out = tmp / f"{Path(path).stem}.ort-optimized.onnx"
+    options.optimized_model_filepath = str(out)
+    # External weights keep the dump small; only the graph is read back.
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(out), load_external_data=False).graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def render(results: list[dict], machine: dict) -> str:
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {ort.__version__}, CPU EP, "
         f"{results[0]['threads'] if results else '?'} threads, default session optimizations for every variant.",
         "",
-        "| model | variant | p50 ms | p90 ms | ratio to original | round spread ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | variant | p50 ms | p90 ms | ratio to original (per-round median, IQR) | kernels run | "
+        "same kernels as original |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for res in results:
-        base = res["latency"]["original"]["p50"]
+        ref_kernels = res["kernels"]["original"]
         for variant, lat in res["latency"].items():
+            r = res["ratio"][variant]
+            k = res["kernels"][variant]
             lines.append(f"| {res['model']} | {variant} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
-                         f"{lat['p50'] / base:.3f} | {lat['round_spread']:.2f} |")
+                         f"{r['median']:.3f} ({r['q25']:.3f}-{r['q75']:.3f}) | {sum(k.values())} | "
+                         f"{'yes' if k == ref_kernels else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             sessions = {v: session(path, args.threads) for v, path in paths.items()}
             lat = alternating(sessions, feeds, args.rounds, args.per_round, args.warmup)
             res = {"model": f"{name}-{args.size}", "threads": args.threads,
-                   "input_shapes": {k: list(v.shape) for k, v in feeds.items()}, "latency": lat}
+                   "input_shapes": {k: list(v.shape) for k, v in feeds.items()}, "latency": lat,
+                   "ratio": {v: round_ratios(lat[v], lat["original"]) for v in lat},
+                   "kernels": {v: kernels(path, Path(tmp), args.threads) for v, path in paths.items()}}
             print(json.dumps(res), flush=True)
             results.append(res)
     info = machine()

@@ -6,8 +6,10 @@ import copy
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 
+import onnxopt
 from onnxopt import cli, load
 from onnxopt.bench import latency, peers, schema, zoo
 
@@ -82,6 +84,22 @@ def test_summarize_statistics():
     # round medians 1.5, 3.5, 5.5: spread 4.0, interquartile range 2.0 = 80 % of p50
     assert stats["round_medians"] == [1.5, 3.5, 5.5] and stats["rounds"] == 3
     assert stats["round_spread"] == 4.0 and stats["noise_pct"] == pytest.approx(80.0)
+
+
+def test_round_ratios_pair_the_same_rounds():
+    base = {"round_medians": [10.0, 20.0, 10.0, 10.0]}
+    # Round 2 drifted for both: per-round ratios are all 0.9, whatever the drift.
+    assert latency.round_ratios({"round_medians": [9.0, 18.0, 9.0, 9.0]}, base) == {"median": 0.9, "q25": 0.9, "q75": 0.9}
+
+
+def test_kernels_are_what_onnxruntime_runs(cnn, tmp_path):
+    # onnxruntime folds the CNN's BatchNorms into its Convs itself: the original and onnxopt's -O2
+    # output run the same kernels (so neither can be faster but by noise), though their graphs differ.
+    out = onnxopt.compile(str(cnn), opt_level=2).save(tmp_path / "cnn.O2.onnx")
+    assert [n.op_type for n in onnx.load(str(cnn)).graph.node].count("BatchNormalization") == 2
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out)).graph.node]
+    original, compiled = latency.kernels(cnn, tmp_path, 1), latency.kernels(out, tmp_path, 1)
+    assert original == compiled and "BatchNormalization" not in original
 
 
 # --- schema ------------------------------------------------------------------------------------------

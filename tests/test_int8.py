@@ -279,3 +279,34 @@ def test_int8_8bit_weights_saturate_on_this_host():
 ])
 def test_host_u8s8_saturation(flags, machine, saturates):
     assert host.u8s8_saturates(flags, machine) is saturates
+
+
+def test_fidelity_control_widens_a_range_that_clips_outliers():
+    # Outlier features (a few tokens of one channel at 20-40, as in transformer FFNs): KL clips them,
+    # which ruins the output they drive; the control measures both ranges and keeps the observed one.
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 32)) * 0.1).astype(np.float32)
+    w[5] = 1.0
+    model = ir.from_proto(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "outliers",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16, 32])],
+        [onnx.numpy_helper.from_array(w, "w")]), opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+    def sample():
+        x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+        x[0, rng.integers(16), 5] = rng.uniform(20, 40)
+        return {"x": x}
+
+    feeds = [sample() for _ in range(40)]
+    p = QuantizeInt8Pass()
+    p.configure({"calibration_data": feeds, "calibration_method": "entropy", "int8_min_cosine": 0.999,
+                 "target": "cpu", "make_session": verify.session})
+    p(model)
+    d = p.details
+    scale = d["scales"]["x"]
+    assert d["fidelity_all_quantized"]["calibration_min_cosine"] < 0.99  # the KL range clipped the outliers
+    assert scale["chosen_by"].startswith("minmax, output error")
+    assert scale["range"][1] == pytest.approx(scale["observed"][1])
+    assert d["fidelity_ranges_chosen"]["calibration_min_cosine"] >= 0.999
+    assert d["quantized"] == 1 and d["excluded"] == []
