@@ -346,8 +346,8 @@ class QuantizeInt8Pass(OptPass):
         """Quantize `act` over whichever of its candidate ranges (the method's, the observed one) gives
         the smaller output error with only its layers quantized; with one layer, that error is the
         layer's. KL and percentile thresholds clip outliers, which is right for most tensors and
-        ruinous for a few (transformer FFN outlier features: MiniLM's clipped at 4.3 of 24.7 cost a
-        cosine of 0.79), so the choice is measured, not assumed."""
+        ruinous for a few (MiniLM's pooler input, clipped by KL at 1.17 of 5.77, cost 0.214 of cosine;
+        over its observed range 0.0004), so the choice is measured, not assumed."""
         candidates = [(method, act.range)]
         observed = (min(act.hist.min, 0.0), max(act.hist.max, 0.0))
         if not np.allclose(observed, act.range, rtol=1e-3, atol=0.0):
