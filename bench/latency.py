@@ -7,7 +7,8 @@ Rounds alternate between variants (rotating the order each round) so machine dri
 we report medians over all timed runs, p90, and each variant's ratio to the original: the median of
 the per-round ratios with their interquartile range, so a ratio whose range straddles 1 is a tie.
 The kernels column is what onnxruntime runs after its own optimizations (op counts of the optimized
-graph); two variants with the same kernels can differ only by noise.
+graph); two variants with the same kernels can differ only by noise, whose size the "original (copy)"
+variant shows: the original's bytes again, in a session of their own.
 
     python -m onnxopt.bench.latency --models bert,vit,resnet,mobilenetv2 --size base --rounds 15
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +100,8 @@ def variants(name: str, size: str, tmp: Path) -> dict[str, Path]:
 
     original = zoo.build(name, size=size, opset=14 if name != "resnet" else 13)
     out = {"original": original}
+    # A/A control: the same bytes in another session. Its ratio is the noise floor of the measurement.
+    out["original (copy)"] = Path(shutil.copyfile(original, tmp / f"{name}.copy.onnx"))
     result = onnxopt.compile(original, opt_level=3, target="cpu")
     out["onnxopt -O3"] = result.save(tmp / f"{name}.O3.onnx")
     hints, _ = peers.transformer_hints(load.load(original))
