@@ -303,26 +303,23 @@ def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 
             if p:
                 paths[f"ort_{method}"] = p
     lat = _latency(paths, {"input": evals[0]}, rounds=30)
-    res["latency_ms"] = {k: round(v * 1e3, 2) for k, v in lat.items()}
-    res["latency_ratio_vs_fp32_O2"] = {k: round(v / lat["fp32_O2"], 3) for k, v in lat.items()}
+    res["latency_ms"] = {k: v["p50_ms"] for k, v in lat.items()}
+    res["latency_ratio_vs_fp32_O2"] = {k: v["ratio"] for k, v in lat.items()}
     return res
 
 
 # ---- BERT-base latency -----------------------------------------------------------------------
 
 
-def _latency(paths: dict[str, Path], feed, rounds: int = 20, threads: int | None = None) -> dict[str, float]:
+def _latency(paths: dict[str, Path], feed, rounds: int = 20, threads: int | None = None) -> dict[str, dict]:
+    """p50 (s) and the per-round ratio to the first variant, rounds alternating in rotating order
+    (bench/latency.py)."""
+    from onnxopt.bench import latency
+
     sessions = {k: _session(p, threads=threads) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times = {k: [] for k in paths}
-    for _ in range(rounds):  # alternating, so drift hits every model alike
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    lat = latency.alternating(sessions, feed, rounds, per_round=3, warmup=3)
+    base = lat[next(iter(paths))]
+    return {k: {"p50_ms": round(v["p50"], 2), "ratio": latency.round_ratios(v, base)} for k, v in lat.items()}
 
 
 def _op_profile(path: Path, feed, tmp: Path) -> dict[str, int]:
@@ -380,8 +377,8 @@ def bench_bert(tmp: Path, peers: bool, seq: int = 128, n_calib: int = 32) -> dic
             paths["ort_dynamic"] = dyn
     feed = calib[0]
     lat = _latency(paths, feed)
-    res["latency_ms"] = {k: round(v * 1e3, 2) for k, v in lat.items()}
-    res["latency_ratio_vs_fp32_O3"] = {k: round(v / lat["fp32_O3"], 3) for k, v in lat.items()}
+    res["latency_ms"] = {k: v["p50_ms"] for k, v in lat.items()}
+    res["latency_ratio_vs_fp32_O3"] = {k: v["ratio"] for k, v in lat.items()}
     res["ort_kernels"] = {k: _op_profile(paths[k], feed, tmp) for k in paths if k != "fp32_O3"}
     # Calibration cost vs plain inference over the same samples (onnxruntime optimizations off in both).
     model = compiled.ir_model
