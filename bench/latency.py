@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 
@@ -136,8 +137,6 @@ def kernels(path: str | Path, tmp: Path, threads: int) -> dict[str, int]:
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    import onnx
-
     counts: dict[str, int] = {}
     for node in onnx.load(str(out), load_external_data=False).graph.node:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
