@@ -95,6 +95,13 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
             lines.append(f"  pass {p['name']:<28} fired {p['fired']:>4}  {p['time_s'] * 1000:8.1f} ms  "
                          f"declined {p['declined_count']}")
             lines += [f"      declined {d['rule']} at {d['node']} ({d['op']}): {d['reason']}" for d in p["declined"]]
+    int8 = next((p.get("details") for p in rep["passes"] if p["name"] == "quantize_int8" and p.get("details")), None)
+    if int8 and "fidelity" in int8:
+        fid = int8["fidelity"]
+        weights = "7-bit weights (reduce range)" if int8["reduce_range"] else "8-bit weights"
+        lines.append(f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}; "
+                     f"held-out min cosine {fid['held_out_min_cosine']:.5f} on {fid['held_out_samples']} samples, "
+                     f"measured on {int8['fidelity_measured_on']}")
     ver = rep["verification"]
     if ver.get("enabled"):
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())

@@ -6,6 +6,9 @@ Verification on synthesized standard-normal inputs is off here: the digits model
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -310,3 +313,22 @@ def test_fidelity_control_widens_a_range_that_clips_outliers():
     assert scale["range"][1] == pytest.approx(scale["observed"][1])
     assert d["fidelity_ranges_chosen"]["calibration_min_cosine"] >= 0.999
     assert d["quantized"] == 1 and d["excluded"] == []
+
+
+@pytest.mark.parametrize(("flag", "bits"), [("on", 63), ("off", 127)])
+def test_cli_int8_reduce_range(digits, tmp_path, capsys, flag, bits):
+    from onnxopt import cli
+
+    path, (x_tr, *_) = digits
+    np.savez(tmp_path / "calib.npz", input=x_tr[:100])
+    out, rep = tmp_path / "int8.onnx", tmp_path / "report.json"
+    assert cli.main([str(path), "--int8", "--calibration-data", str(tmp_path / "calib.npz"), "-o", str(out),
+                     "--report", str(rep), "--int8-reduce-range", flag, "--no-verify"]) == 0
+    summary = capsys.readouterr().out
+    # 8-bit weights on a CPU whose kernels saturate: the check on those kernels may keep a layer float.
+    assert re.search(r"int8: [1-3] of 3 layers quantized", summary) and "held-out min cosine 0.99" in summary
+    assert ("7-bit" in summary) == (flag == "on")
+    assert json.loads(rep.read_text())["options"]["int8_reduce_range"] is (flag == "on")
+    codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+             if t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".int8")]
+    assert codes and max(int(np.abs(c).max()) for c in codes) == bits
