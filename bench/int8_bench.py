@@ -312,7 +312,7 @@ def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 
 
 
 def _latency(paths: dict[str, Path], feed, rounds: int = 20, threads: int | None = None) -> dict[str, dict]:
-    """p50 (s) and the per-round ratio to the first variant, rounds alternating in rotating order
+    """p50 (ms) and the per-round ratio to the first variant, rounds alternating in rotating order
     (bench/latency.py)."""
     from onnxopt.bench import latency
 
