@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -15,6 +17,7 @@ import onnx_ir as ir
 
 from onnxopt import __version__, emit, host, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
+from onnxopt.files import FileSet
 from onnxopt.passes import registry
 from onnxopt.passes.calibration_data import CalibrationError
 
@@ -30,14 +33,35 @@ class CompileResult:
     ir_model: ir.Model
     report: dict
     source: str | None = None
+    # The files the compile read (model, external data, calibration data): save() never writes one.
+    reads: FileSet = dataclasses.field(default_factory=FileSet)
 
     @functools.cached_property
     def model(self) -> onnx.ModelProto:
         return ir.serde.serialize_model(self.ir_model)
 
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-        """Write atomically; external data when asked or when the weights exceed ~1.8 GB."""
-        return emit.save(self.ir_model, path, external_data=external_data, source=self.source)
+        """Write atomically; external data when asked or when the weights exceed ~1.8 GB.
+
+        Refuses (CompileError) a path that is one of the files the compile read."""
+        return emit.save(self.ir_model, path, external_data=external_data, reads=self.reads)
+
+
+def reads_of(model, calibration_data=None, base_dir=None) -> FileSet:
+    """The files a compile of `model` reads, known before it starts (compiler/files.py): the model
+    file and its external data, and the calibration data file or the files of its folder."""
+    fs = FileSet()
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        fs.read(path, "the input model")
+        proto = load.read_proto(path)
+        fs.read_all(load.external_paths(proto, path.resolve().parent), "the input model's external data")
+    elif isinstance(model, ir.Model):
+        fs.read_all(load.external_files(model), "the input model's external data")
+    if isinstance(calibration_data, (str, os.PathLike)):
+        cal = Path(calibration_data)
+        fs.read_all(sorted(cal.iterdir()) if cal.is_dir() else [cal], "the calibration data")
+    return fs
 
 
 def _upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
@@ -65,6 +89,85 @@ def _upgrade_opset(model: ir.Model, opset: int) -> ir.Model:
     return result
 
 
+@contextlib.contextmanager
+def _libraries_quiet():
+    """onnx_ir and onnxscript log warnings about what onnxopt handles on purpose (e.g. "Skipped
+    deduplication of initializer ... graph input or output"); a compile's stderr is onnxopt's own."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _guarded(fn):
+    """The library's promise: the only exception `compile()` raises is CompileError. Anything else
+    is an onnxopt bug or an exhausted machine, still said in one line (the cause stays chained)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with _libraries_quiet():
+                return fn(*args, **kwargs)
+        except CompileError:
+            raise
+        except MemoryError:
+            raise CompileError("out of memory (a sample input or the model is too large for this machine; "
+                               "--input-shape gives smaller sample inputs)") from None
+        except RecursionError:
+            raise CompileError("the model is nested too deeply to process") from None
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CompileError(f"internal error: {type(exc).__name__}: {first}") from exc
+    return wrapper
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return (_is_int(x) or isinstance(x, (float, np.floating))) and np.isfinite(float(x))
+
+
+def _is_names(x) -> bool:
+    return not isinstance(x, (str, bytes)) and isinstance(x, Iterable) and all(isinstance(n, str) for n in x)
+
+
+def _is_shapes(x) -> bool:
+    return isinstance(x, dict) and all(
+        isinstance(k, str) and isinstance(v, (tuple, list)) and all(_is_int(d) and d > 0 for d in v)
+        for k, v in x.items())
+
+
+# Each keyword of compile() with what it must be: a wrong type is a CompileError naming it, never a
+# TypeError deep inside a pass.
+_OPTION_TYPES = {
+    "opset": (lambda x: x is None or (_is_int(x) and 1 <= x), "None or an opset number"),
+    "enable": (_is_names, "a list of pass names"),
+    "disable": (_is_names, "a list of pass names"),
+    "input_shapes": (lambda x: x is None or _is_shapes(x), "a dict of input name to a tuple of positive ints"),
+    "tolerance": (lambda x: _is_real(x) and x >= 0, "a finite number >= 0"),
+    "calibration_samples": (lambda x: x is None or (_is_int(x) and x >= 1), "None or a whole number >= 1"),
+    "calibration_method": (lambda x: x in ("entropy", "minmax", "percentile"), "entropy, minmax or percentile"),
+    "int8_min_cosine": (lambda x: _is_real(x) and -1 <= x <= 1, "a number from -1 to 1"),
+    "int8_reduce_range": (lambda x: x is None or isinstance(x, bool), "None, True or False"),
+    "base_dir": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "None or a folder path"),
+    **{name: (lambda x: isinstance(x, bool), "True or False")
+       for name in ("fold_initializer_inputs", "verify_outputs", "fp16", "fp16_io", "int8")},
+}
+
+
+def _check_options(values: dict) -> None:
+    for name, (ok, what) in _OPTION_TYPES.items():
+        if name in values and not ok(values[name]):
+            raise CompileError(f"option {name}={values[name]!r} is not valid: it must be {what}")
+
+
+@_guarded
 def compile(  # noqa: A001 - the public name users expect
     model,
     opt_level: int = 2,
@@ -85,6 +188,7 @@ def compile(  # noqa: A001 - the public name users expect
     calibration_method: str = "entropy",
     int8_min_cosine: float = 0.99,
     int8_reduce_range: bool | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
 
@@ -95,13 +199,16 @@ def compile(  # noqa: A001 - the public name users expect
     fidelity reached (relative error, cosine) and fails only on non-finite outputs or a cosine
     below the transform's target. `int8_reduce_range` (7-bit weights) defaults to what the compiling
     host needs for the cpu target (on for x86 without VNNI, see onnxopt.host); pass True/False when
-    compiling for another machine.
+    compiling for another machine. `base_dir`: for a ModelProto or onnx_ir.Model whose weights are
+    external data, the folder they may be read from (a path's folder is its own; locations that are
+    absolute or escape that folder are refused).
     """
     start = time.perf_counter()
-    if opt_level not in LEVELS:
+    if not (_is_int(opt_level) and opt_level in LEVELS):
         raise CompileError(f"optimization level must be one of 0, 1, 2, 3 (got {opt_level!r})")
-    if target not in registry.TARGETS:
+    if not isinstance(target, str) or target not in registry.TARGETS:
         raise CompileError(f"unknown target {target!r} (choose from {', '.join(registry.TARGETS)})")
+    _check_options(locals())
     flags = {name for name, on in (("fold-initializer-inputs", fold_initializer_inputs), ("fp16", fp16),
                                    ("int8", int8)) if on}
     if int8 and calibration_data is None:
@@ -133,7 +240,12 @@ def compile(  # noqa: A001 - the public name users expect
         raise CompileError(str(exc.args[0])) from None
 
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-    graph = load.load(model)
+    graph = load.load(model, base_dir=base_dir)
+    reads = reads_of(None, calibration_data)
+    if source is not None:
+        reads.read(source, "the input model")
+    # The loaded model's external tensors name every weight file it reads (the mapped model file too).
+    reads.read_all(load.external_files(graph), "the input model's external data")
     t_load = time.perf_counter()
 
     # Folding initializer inputs removes them from the interface on purpose; compare the rest.
@@ -202,7 +314,7 @@ def compile(  # noqa: A001 - the public name users expect
     }
     graph.producer_name = "onnxopt"
     graph.producer_version = __version__
-    return CompileResult(graph, rep, source)
+    return CompileResult(graph, rep, source, reads)
 
 
 def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[dict],

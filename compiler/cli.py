@@ -1,6 +1,7 @@
 """The command line: `onnxopt MODEL [-O{0,1,2,3}] [-o OUT] ...`.
 
-Exit status: 0 ok, 1 error (bad model, failed verification), 2 usage. Errors are one line on stderr,
+Exit status: 0 ok, 1 error (bad model, failed verification), 2 usage, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM); nothing is written then. Errors are one line on stderr,
 `onnxopt: error: ...`; `--debug` shows the traceback instead.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from onnxopt import __version__
 from onnxopt.errors import CompileError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# Interrupted by a signal: 128 + its number, as shells report it.
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,13 +121,18 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
 
 def run_compile(args) -> int:
     import onnxopt
-    from onnxopt import emit, verify
+    from onnxopt import api, emit, verify
 
     out = Path(args.output) if args.output else _default_output(args.model)
     if not Path(args.model).exists():
         raise CompileError(f"{args.model}: no such file")
-    # Check the output before doing any work: a bad -o should fail fast.
-    emit.check_output_path(out, args.model)
+    external = True if args.external_data else None
+    # Every file this compile reads and writes, checked before any work (compiler/files.py).
+    plan = api.reads_of(args.model, args.calibration_data)
+    plan.writes = emit.output_files(out, external).writes
+    if args.report:
+        plan.write(args.report, "the report")
+    plan.check()
     shapes = dict(verify.parse_input_shape(s) for s in args.input_shape)
     start = time.perf_counter()
     result = onnxopt.compile(
@@ -147,45 +155,72 @@ def run_compile(args) -> int:
         int8_min_cosine=args.int8_min_cosine,
         int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
     )
-    result.save(out, external_data=True if args.external_data else None)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
-    if args.report:
-        _write_json(Path(args.report), result.report)
+    _write_outputs(result, out, external, Path(args.report) if args.report else None)
     if not args.quiet:
         print(_summary(result.report, out, args.verbose))
     return EXIT_OK
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from onnxopt import emit
+def _write_outputs(result, out: Path, external_data: bool | None, report: Path | None) -> None:
+    """The model (with its external data) and the report, written both or neither."""
+    from onnxopt import emit, files
 
-    emit.check_output_path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    if external_data is None:
+        external_data = emit.weights_nbytes(result.ir_model) > emit.EXTERNAL_DATA_THRESHOLD
+    staging: list[Path] = []
+    try:
+        folder, moves = emit.stage(result.ir_model, out, external_data=external_data)
+        staging.append(folder)
+        if report is not None:
+            folder = files.staging_dir(report)
+            staging.append(folder)
+            staged = folder / report.name
+            staged.write_text(json.dumps(result.report, indent=2, sort_keys=False) + "\n")
+            moves.append((staged, report))
+        files.commit(moves)
+    except OSError as exc:
+        raise CompileError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from None
+    finally:
+        files.remove_staging(staging)
 
 
 # Subcommands live in onnxopt.bench (the only place the compiler reaches into bench/).
 SUBCOMMANDS = {"bench": "bench_main", "compare": "compare_main"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, CI runners and orchestrators send), handled like Ctrl-C: the
+    exception unwinds through every `finally`, so staging folders are removed and nothing is left."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _guarded(prog: str, debug: bool, work) -> int:
     """Run `work()`; any failure becomes one line on stderr (a traceback only with --debug)."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return work()
-    except KeyboardInterrupt:
-        print(f"{prog}: error: interrupted", file=sys.stderr)
-        return EXIT_ERROR
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{prog}: error: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was written",
+              file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as exc:
         if debug:
             raise
         if isinstance(exc, CompileError):
-            print(f"{prog}: error: {exc}", file=sys.stderr)
+            hint = " (rerun with --debug)" if str(exc).startswith("internal error") else ""
+            print(f"{prog}: error: {exc}{hint}", file=sys.stderr)
         else:  # an onnxopt bug: still one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             print(f"{prog}: error: internal error: {type(exc).__name__}: {first} (rerun with --debug)",
                   file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _subcommand(name: str, argv: list[str]) -> int:

@@ -11,7 +11,6 @@ import itertools
 import time
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from onnxopt.passes import PassInfo
 from onnxopt.passes.base import MAX_DECLINED_LISTED
@@ -61,7 +60,9 @@ def keep_interface(model: ir.Model, output_names: list[str]) -> None:
     an output; OutputFixPass inserts the Identity nodes ONNX then needs, and the original names are
     given back, first taking a name back from any internal value that borrowed it.
     """
-    common.OutputFixPass()(model)
+    _fix_outputs(model.graph, output_names)
+    for sub in model.graph.subgraphs():
+        _fix_outputs(sub, None)
     wrong = [(v, n) for v, n in zip(model.graph.outputs, output_names) if v.name != n]
     if not wrong:
         return
@@ -72,6 +73,26 @@ def keep_interface(model: ir.Model, output_names: list[str]) -> None:
                 value.name = f"{value.name}.internal"
     for value, name in wrong:
         value.name = name
+
+
+def _fix_outputs(graph: ir.Graph, names: list[str] | None) -> None:
+    """ONNX needs each graph output to be a distinct value produced in the graph, except that a
+    graph input may be an output under its own name (the model's interface; onnx_ir's OutputFixPass
+    would rename that input). An Identity goes in where a pass made a value a second output, or routed
+    an input to an output of another name (`names`: the main graph's output names; None in subgraphs,
+    whose names are not public)."""
+    seen: set[ir.Value] = set()
+    for i, value in enumerate(graph.outputs):
+        passthrough = names is not None and value.is_graph_input() and value.name != names[i]
+        if value not in seen and not passthrough:
+            seen.add(value)
+            continue
+        node = ir.node("Identity", inputs=[value])
+        alias = node.outputs[0]
+        alias.name = f"{value.name}.output{i}"
+        alias.shape, alias.type = value.shape, value.type
+        graph.append(node)
+        graph.outputs[i] = alias
 
 
 def run(model: ir.Model, infos: list[PassInfo], options: dict | None = None) -> list[dict]:

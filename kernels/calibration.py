@@ -120,8 +120,12 @@ class AbsHistogram:
             return self
         if top >= self.edge:
             self._grow(_pow2_above(top))
-        # bins / edge is a power of two: the scaling and the floor are exact (in float32 too).
-        mag *= a.dtype.type(self.bins / self.edge)
+        # bins / edge is a power of two: the scaling and the floor are exact (in float32 too), unless
+        # the edge is so small (tiny values, e.g. 1.2e-38) that the scale overflows float32.
+        scale = self.bins / self.edge
+        if mag.dtype == np.float32 and scale > float(np.finfo(np.float32).max):
+            mag = mag.astype(np.float64)
+        mag *= mag.dtype.type(scale)
         counts = np.bincount(mag.astype(np.int32), minlength=self.bins)
         counts[0] -= zeros  # exact zeros are counted apart (zero-spike pitfall)
         self.counts += counts
