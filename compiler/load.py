@@ -29,6 +29,17 @@ def load(model, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
 
     The caller's object is never modified: a ModelProto or ir.Model is copied first.
     """
+    try:
+        return _load(model, base_dir)
+    except (ir.serde.SerdeError, UnicodeError) as exc:
+        # Protobuf parses what onnx_ir cannot represent (e.g. a name that is not UTF-8): say what.
+        while exc.__cause__ is not None:
+            exc = exc.__cause__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompileError(f"the model is malformed: {first}") from None
+
+
+def _load(model, base_dir) -> ir.Model:
     if isinstance(model, ir.Model):
         # An in-memory model has no folder: its external tensors may read only below `base_dir`.
         _confine_external_tensors(model, Path(base_dir) if base_dir is not None else None)

@@ -100,10 +100,23 @@ class FoldConstantsPass(OptPass):
     """op(constants) = constant; shape ops over static shapes become constants."""
 
     def apply(self, model: ir.Model) -> int:
-        return _changes(
+        changed = _changes(
             model,
             lambda m: fold_constants_ir(m, should_fold=_should_fold).modified,
         )
+        _rewrap_strings(model)
+        return changed
+
+
+def _rewrap_strings(model: ir.Model) -> None:
+    """onnxscript's folder returns a folded string value (e.g. Identity of a string Constant) as an
+    ir.Tensor over a numpy bytes array, which onnx_ir cannot serialize; make it an ir.StringTensor."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if t is not None and t.dtype == ir.DataType.STRING and not isinstance(t, ir.StringTensor):
+                value.const_value = ir.StringTensor(np.asarray(t.numpy(), dtype=np.bytes_), name=t.name,
+                                                    shape=t.shape)
 
 
 class NoOpReshape(pattern.RewriteRuleClassBase):
