@@ -19,21 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt import cli
-
-OK_MODEL = """
-<ir_version: 8, opset_import: ["" : 17]>
-agraph (float[N, 4] x) => (float[N, 4] y) {
-    w = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
-    t = Add(x, w)
-    y = Relu(t)
-}
-"""
-
-
-def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
+from test_bad_input import OK_MODEL, _snapshot
 
 def _ok(tmp: Path, name: str = "m.onnx") -> Path:
     path = tmp / name
