@@ -124,14 +124,21 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]):
         return None, exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
-def _check_out(path: str | None) -> None:
-    if path is None:
-        return
-    out = Path(path)
-    if out.is_dir():
-        raise CompileError(f"{out}: is a folder")
-    if not out.parent.exists():
-        raise CompileError(f"{out.parent}: no such folder")
+def _check_files(reads: list[str], read_role: str, writes: list[tuple[str | None, str]]) -> None:
+    """No output may be a file the command reads, or another output (compiler/files.py)."""
+    from onnxopt import api
+    from onnxopt.files import FileSet
+
+    fs = FileSet()
+    for path in reads:
+        if read_role == "the input model" and Path(path).is_file():
+            fs.reads += api.reads_of(path).reads
+        else:
+            fs.read(path, read_role)
+    for path, role in writes:
+        if path is not None:
+            fs.write(path, role)
+    fs.check()
 
 
 class _Bar:
@@ -191,8 +198,7 @@ def bench_main(argv: list[str]) -> int:
     args, code = _parse(bench_parser(), argv)
     if args is None:
         return code
-    _check_out(args.output)
-    _check_out(args.markdown)
+    _check_files(args.models, "the input model", [(args.output, "the report"), (args.markdown, "the Markdown")])
     hints = {k: v for k, v in (("model_type", args.model_type), ("num_heads", args.num_heads),
                                 ("hidden_size", args.hidden_size)) if v is not None}
     peers = None
@@ -238,8 +244,7 @@ def compare_main(argv: list[str]) -> int:
     args, code = _parse(compare_parser(), argv)
     if args is None:
         return code
-    _check_out(args.markdown)
-    _check_out(args.html)
+    _check_files(args.reports, "the report", [(args.markdown, "the Markdown"), (args.html, "the HTML page")])
     reports = [schema.load(path) for path in args.reports]
     comp = compare.build(reports, args.baseline)
     md = compare.markdown(comp)

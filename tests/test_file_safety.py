@@ -340,3 +340,18 @@ def test_skipped_deduplication_is_not_printed(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnxopt", str(tmp_path / "d.onnx"), "-O3", "-q"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_bench_and_compare_never_overwrite_their_inputs(tmp_path, capsys):
+    model = _ok(tmp_path)
+    for argv, fragment in ((["bench", str(model), "-o", str(model)], "is the input model"),
+                           (["bench", str(model), "--markdown", str(model)], "is the input model"),
+                           (["compare", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.json")], "is the report"),
+                           (["compare", str(tmp_path / "r.json"), "--html", str(tmp_path / "o"),
+                             "--markdown", str(tmp_path / "o")], "are the same file")):
+        (tmp_path / "r.json").write_text("{}")
+        before = _snapshot(tmp_path)
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert _snapshot(tmp_path) == before
