@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxopt import __version__, emit, host, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.files import FileSet
-from onnxopt.passes import registry
+from onnxopt.passes import plugins, registry
 from onnxopt.passes.calibration_data import CalibrationError
 
 LEVELS = (0, 1, 2, 3)
@@ -234,6 +234,10 @@ def compile(  # noqa: A001 - the public name users expect
         "make_session": verify.session,
         "make_kernel_session": functools.partial(verify.session, optimize=True),
     }
+    if plugins.load_errors:
+        entry, error = plugins.load_errors[0]
+        raise CompileError(f"plugin pass package {entry!r} (entry point group {plugins.ENTRY_POINT_GROUP!r}) "
+                           f"failed to load: {error}")
     try:
         infos = registry.select(opt_level, target, enable=enable, disable=disable, flags=flags)
     except KeyError as exc:

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Also: `onnxopt bench MODEL ...` (latency reports on onnxruntime EPs) and "
                "`onnxopt compare R1.json R2.json ...` (tables and plots across devices); `--help` on each.",
     )
-    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=2, metavar="{0,1,2,3}",
                    help="optimization level (default 2): 0 canonicalize, 1 exact cleanups, "
                         "2 portable fusions, 3 target fused kernels")
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--list-passes", action="store_true",
+                   help="print every pass (built-in and plugin) with its level, stage and targets, and exit")
     p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     return p
 
@@ -240,7 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors, --help, --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.list_passes:
+        return _guarded("onnxopt", args.debug, lambda: print(pass_table()) or EXIT_OK)
+    if args.model is None:
+        build_parser().error("the following arguments are required: model")
     return _guarded("onnxopt", args.debug, lambda: run_compile(args))
+
+
+def pass_table() -> str:
+    """Every registered pass as a Markdown table, in pipeline order (the README's pass table)."""
+    from onnxopt.passes import all_passes
+
+    rows = ["| pass | runs at | stage | targets | what it does |", "|---|---|---|---|---|"]
+    for info in all_passes():
+        when = f"--{info.flag}" if info.flag else f"-O{info.level}"
+        targets = "all" if len(info.targets) == 4 else ", ".join(sorted(info.targets))
+        rows.append(f"| `{info.name}` | {when} | {info.stage} | {targets} | {info.doc} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """onnxopt.passes: one module per pass, the registry, and shared precondition helpers.
 
 Importing this package imports every module in it, which registers every pass: adding a pass is
-adding a module.
+adding a module. Then it loads the plugin passes of installed packages (passes/plugins.py).
 """
 
 import importlib
@@ -11,7 +11,12 @@ from onnxopt.passes.base import OptPass, RewritePass
 from onnxopt.passes.registry import PassInfo, all_passes, get, register, select
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _module not in ("base", "registry", "checks"):
+    if _module not in ("base", "registry", "checks", "plugins"):
         importlib.import_module(f"{__name__}.{_module}")
+
+# Passes of installed packages (entry point group "onnxopt.passes"), after the built-in ones.
+from onnxopt.passes import plugins  # noqa: E402
+
+plugins.load_installed()
 
 __all__ = ["OptPass", "PassInfo", "RewritePass", "all_passes", "get", "register", "select"]
