@@ -152,7 +152,6 @@ _OPTION_TYPES = {
     "input_shapes": (lambda x: x is None or _is_shapes(x), "a dict of input name to a tuple of positive ints"),
     "tolerance": (lambda x: _is_real(x) and x >= 0, "a finite number >= 0"),
     "calibration_samples": (lambda x: x is None or (_is_int(x) and x >= 1), "None or a whole number >= 1"),
-    "calibration_method": (lambda x: x in ("entropy", "minmax", "percentile"), "entropy, minmax or percentile"),
     "int8_min_cosine": (lambda x: _is_real(x) and -1 <= x <= 1, "a number from -1 to 1"),
     "int8_reduce_range": (lambda x: x is None or isinstance(x, bool), "None, True or False"),
     "base_dir": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "None or a folder path"),

@@ -88,8 +88,19 @@ def validate(proto: onnx.ModelProto, base_dir) -> None:
     """Structural checks on the proto; the ONNX checker runs on the IR afterwards (`_checked`)."""
     _check_opsets(proto)
     _check_graph(proto.graph, outer=frozenset())
+    _check_interface_types(proto.graph)
     _check_external_data(proto, Path(base_dir) if base_dir is not None else None)
     _check_tensor_sizes(proto)
+
+
+def _check_interface_types(graph: onnx.GraphProto) -> None:
+    """Graph inputs and outputs need a type, and tensors an element type, to be fed or compared."""
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for v in values:
+            if not v.HasField("type") or v.type.WhichOneof("value") is None:
+                raise CompileError(f"graph {kind} {v.name!r} has no type")
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+                raise CompileError(f"graph {kind} {v.name!r} has no element type")
 
 
 def _checked(model: ir.Model) -> ir.Model:

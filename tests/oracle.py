@@ -117,3 +117,57 @@ def assert_rewrite(
     changed = [p["name"] for p in again.report["passes"] if p["modified"]]
     assert not changed, f"not idempotent: a second run changed the model in {changed}"
     return compiled
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """An ONNX text model (onnx.parser), checked: the fixtures of precondition tests."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+def declined(report: dict, name: str) -> list[str]:
+    """The reasons pass `name` gave for the candidates it declined."""
+    return [d["reason"] for p in report["passes"] if p["name"] == name for d in p["declined"]]
+
+
+def canonical_text(proto: onnx.ModelProto) -> str:
+    """onnx.printer text of the main graph with every name that is not the interface's replaced by
+    its position (values in order of definition, initializers in order of first use), node names and
+    value_info dropped: two graphs that compute the same way print the same."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {}
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        for name in node.input:
+            if name in inits and name not in keep and name not in names:
+                names[name] = f"w{sum(n.startswith('w') for n in names.values())}"
+        for name in node.output:
+            if name and name not in keep:
+                names[name] = f"v{sum(n.startswith('v') for n in names.values())}"
+    rename = lambda n: names.get(n, n)  # noqa: E731
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    used = [t for t in graph.initializer if t.name in names or t.name in keep]
+    for t in used:
+        t.name = rename(t.name)
+    del graph.initializer[:]
+    graph.initializer.extend(sorted(used, key=lambda t: t.name))
+    del graph.value_info[:]
+    graph.name = "g"
+    model.producer_name = model.producer_version = ""
+    return onnx.printer.to_text(graph)
+
+
+def assert_rewrites_to(what: int | str, before: str, expected: str, **options) -> onnx.ModelProto:
+    """TVM-style Before/Expected: `what` (a pass alone, or a level) turns the ONNX text `before`
+    into exactly `expected` (compared as canonical_text), and the rewrite passes the oracle."""
+    compiled = assert_rewrite(what, parse(before), **options)
+    got, want = canonical_text(compiled), canonical_text(parse(expected))
+    assert got == want, f"rewrite differs from the expected graph:\n--- got\n{got}\n--- expected\n{want}"
+    return compiled
