@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="verification tolerance, relative to each output's magnitude (default 1e-4)")
     p.add_argument("--no-verify", action="store_true", help="skip running original and result in onnxruntime")
+    p.add_argument("--input-data", metavar="FILE.npz",
+                   help="verify on your own sample: one array per model input (instead of synthesized inputs)")
+    p.add_argument("--inference-dropout", action="store_true",
+                   help="turn training-mode Dropout into inference Dropout (changes the model; recorded in the report)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
     p.add_argument("--fold-initializer-inputs", action="store_true",
                    help="treat initializers that are also graph inputs as constants (changes the interface)")
@@ -126,6 +130,7 @@ def run_compile(args) -> int:
     # Check the output before doing any work: a bad -o should fail fast.
     emit.check_output_path(out, args.model)
     shapes = dict(verify.parse_input_shape(s) for s in args.input_shape)
+    verify.quiet_native_logs(not (args.debug or args.verbose))
     start = time.perf_counter()
     result = onnxopt.compile(
         args.model,
@@ -146,6 +151,8 @@ def run_compile(args) -> int:
         calibration_method=args.calibration_method,
         int8_min_cosine=args.int8_min_cosine,
         int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
+        input_data=args.input_data,
+        inference_dropout=args.inference_dropout,
     )
     result.save(out, external_data=True if args.external_data else None)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
