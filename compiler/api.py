@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, emit, host, load, pipeline, report, verify, weights
+from onnxopt import __version__, emit, host, ir_version, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.passes import inference_dropout as inference_dropout_pass
 from onnxopt.passes import registry
@@ -162,6 +162,7 @@ def compile(  # noqa: A001 - the public name users expect
         records = pipeline.run(graph, infos, options)
     except CalibrationError as exc:
         raise CompileError(str(exc)) from None
+    ir_upgrade = ir_version.conform(graph)
     t_passes = time.perf_counter()
 
     sig_after = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
@@ -199,6 +200,7 @@ def compile(  # noqa: A001 - the public name users expect
             "inference_dropout": inference_dropout,
         },
         "inference_dropout": {"changed": dropouts} if inference_dropout else None,
+        "ir_version_upgrade": ir_upgrade,
         "passes": records,
         "ops_before": ops_before,
         "ops_after": report.op_counts(graph),
