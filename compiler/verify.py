@@ -36,7 +36,6 @@ import re
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxopt import weights
 from onnxopt.errors import CompileError
@@ -284,6 +283,8 @@ def session(model: onnx.ModelProto | ir.Model | str | os.PathLike, providers=("C
             optimize: bool = False):
     """An onnxruntime session with every graph optimization off (`optimize`: all on, as deployed;
     for measuring what the fused and integer kernels compute)."""
+    import onnxruntime as ort  # here, not at the top: --no-verify compiles never load it
+
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
