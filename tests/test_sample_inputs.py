@@ -77,12 +77,13 @@ def test_reflect_pad_audio_runs_on_a_longer_signal():
     assert ver["ok"] and ver["input_shapes"]["audio"] == [1, 128]
 
 
-def test_ladder_exhausted_names_input_shapes_tried_and_the_options(capsys, tmp_path):
+def test_ladder_exhausted_names_input_shapes_tried_and_the_options(capfd, tmp_path):
+    """capfd, not capsys: onnxruntime's native log writes to file descriptor 2 directly."""
     # Needs more than 16000 samples on either side: no rung of the ladder runs.
     model = _parse((AUDIO % _floats(4 * 128)).replace("64, 0, 0, 64", "20000, 0, 0, 20000"))
     onnx.save(model, tmp_path / "m.onnx")
     assert cli.main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     line = err[0]
     assert line.startswith("onnxopt: error: onnxruntime cannot run the model on synthesized inputs: ")
@@ -241,3 +242,38 @@ def test_weight_left_by_a_folded_if_is_not_handed_to_onnxruntime():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     result = onnxopt.compile(model, opt_level=1)
     assert result.report["ops_after"] == {"Add": 1} and result.report["verification"]["ok"]
+
+
+def _cancelling_conv_bn(big: float = 3e4) -> onnx.ModelProto:
+    """Conv with bias `big` and a BatchNorm subtracting the same mean: the unfused original rounds
+    at `big`'s ulp and then cancels, so any Conv+BN folding (onnxruntime's own, or onnxopt's)
+    differs from it by ~1.6e-4 relative, more than the default tolerance."""
+    text = f"""<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, H, W] x) => (float[N, 4, H, W] y) {{
+    w = Constant <value = float[4, 4, 3, 3] {{{_floats(144, 0.3)}}}> ()
+    b = Constant <value = float[4] {{{big}, {big}, {big}, {big}}}> ()
+    s = Constant <value = float[4] {{1.0, 1.0, 1.0, 1.0}}> ()
+    z = Constant <value = float[4] {{0.0, 0.0, 0.0, 0.0}}> ()
+    m = Constant <value = float[4] {{{big}, {big}, {big}, {big}}}> ()
+    v = Constant <value = float[4] {{1.0, 1.0, 1.0, 1.0}}> ()
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    y = BatchNormalization <epsilon = 0.0> (c, s, z, m, v)
+}}"""
+    return _parse(text)
+
+
+def test_error_within_the_originals_own_rounding_noise_passes():
+    result = onnxopt.compile(_cancelling_conv_bn(), opt_level=2)
+    ver = result.report["verification"]
+    out = ver["outputs"][0]
+    assert ver["ok"] and out["rel"] > verify.DEFAULT_TOLERANCE
+    floor = ver["noise_floor"]["y"]
+    assert floor > verify.DEFAULT_TOLERANCE and out["rel"] <= verify.NOISE_MULTIPLE * floor
+    assert "rounding noise" in out["note"] and "margin" in out["note"]
+
+
+def test_error_beyond_the_noise_floor_fails_and_suggests_a_tolerance(monkeypatch):
+    monkeypatch.setattr(verify, "noise_floor", lambda *a: {"y": 1e-6})  # an original that is exact
+    with pytest.raises(onnxopt.CompileError, match=r"relative error 0\.000\d+ > tolerance 0\.0001 \(the "
+                       r"original's own rounding noise is 1e-06; --tolerance 0\.0002 would accept it\)"):
+        onnxopt.compile(_cancelling_conv_bn(), opt_level=2)
