@@ -615,14 +615,19 @@ def build(
     opset: int = 14,
     attention: str = "eager",
     cache_dir: str | os.PathLike | None = None,
+    strip_value_info: bool = False,
 ) -> pathlib.Path:
     """Export zoo model ``name`` to ONNX (once) and return the cached ``.onnx`` path.
 
     ``size``: "tiny" or "base" (ignored by the real-weight models).  ``exporter``: "legacy" or
     "dynamo".  ``opset``: legacy 13..20; dynamo >= 18 (lower is bumped to 18).
-    ``attention``: "eager" or "sdpa" (transformer models only).  Raises ``ValueError`` for unknown
-    or unsupported combinations.
+    ``attention``: "eager" or "sdpa" (transformer models only).  ``strip_value_info``: the same
+    export with ``graph.value_info`` cleared (the shapes of intermediate values some exporters and
+    tools leave out; fusions must not depend on them).  Raises ``ValueError`` for unknown or
+    unsupported combinations.
     """
+    if strip_value_info:
+        return _stripped(build(name, size, exporter, opset, attention, cache_dir))
     name, size, exporter, opset, attention = _normalize(name, size, exporter, opset, attention)
     root = _cache_root(cache_dir)
     path = root / _file_name(name, size, exporter, opset, attention)
@@ -652,6 +657,27 @@ def build(
         p.key, p.value = f"onnxopt.zoo.{k}", str(v)
     _save_atomic(model, path)
     return path
+
+
+def _stripped(path: pathlib.Path) -> pathlib.Path:
+    """``path``'s model without graph.value_info (and subgraphs'), cached beside it."""
+    import onnx
+
+    out = path.with_name(path.stem + "-novi.onnx")
+    if out.exists():
+        return out
+    model = onnx.load(str(path))
+
+    def clear(graph):
+        del graph.value_info[:]
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                    clear(sub)
+
+    clear(model.graph)
+    _save_atomic(model, out)
+    return out
 
 
 def _check_opset(model, opset: int, name: str, exporter: str) -> None:
@@ -996,9 +1022,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"])
     p.add_argument("--opset", type=int, default=14)
     p.add_argument("--attention", default="eager", choices=["eager", "sdpa"])
+    p.add_argument("--strip-value-info", action="store_true", help="clear graph.value_info (intermediate shapes)")
     p.add_argument("-o", "--output", help="copy the model here (default: print the cached path)")
     args = p.parse_args(argv)
-    path = build(args.name, size=args.size, exporter=args.exporter, opset=args.opset, attention=args.attention)
+    path = build(args.name, size=args.size, exporter=args.exporter, opset=args.opset, attention=args.attention,
+                 strip_value_info=args.strip_value_info)
     if args.output:
         shutil.copyfile(path, args.output)
         path = pathlib.Path(args.output)

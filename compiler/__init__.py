@@ -9,6 +9,15 @@
 __version__ = "0.1.0"
 
 from onnxopt.errors import CompileError  # noqa: E402
-from onnxopt.api import CompileResult, compile  # noqa: E402
 
 __all__ = ["CompileError", "CompileResult", "__version__", "compile"]
+
+
+def __getattr__(name: str):
+    # The compiler (onnx, onnx_ir, onnxruntime, onnxscript: ~2 s of imports) loads on first use,
+    # so `onnxopt --version`, `--help` and usage errors start at once.
+    if name in ("compile", "CompileResult"):
+        from onnxopt import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'onnxopt' has no attribute {name!r}")

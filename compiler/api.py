@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, emit, host, load, pipeline, report, verify, weights
+from onnxopt import __version__, emit, host, ir_version, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.files import FileSet
+from onnxopt.passes import inference_dropout as inference_dropout_pass
 from onnxopt.passes import plugins, registry
 from onnxopt.passes.calibration_data import CalibrationError
 
@@ -47,9 +48,9 @@ class CompileResult:
         return emit.save(self.ir_model, path, external_data=external_data, reads=self.reads)
 
 
-def reads_of(model, calibration_data=None, base_dir=None) -> FileSet:
+def reads_of(model, calibration_data=None, input_data=None) -> FileSet:
     """The files a compile of `model` reads, known before it starts (compiler/files.py): the model
-    file and its external data, and the calibration data file or the files of its folder."""
+    file and its external data, the calibration data file or the files of its folder, the input data."""
     fs = FileSet()
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
@@ -61,6 +62,8 @@ def reads_of(model, calibration_data=None, base_dir=None) -> FileSet:
     if isinstance(calibration_data, (str, os.PathLike)):
         cal = Path(calibration_data)
         fs.read_all(sorted(cal.iterdir()) if cal.is_dir() else [cal], "the calibration data")
+    if isinstance(input_data, (str, os.PathLike)):
+        fs.read(input_data, "the input data")
     return fs
 
 
@@ -156,7 +159,7 @@ _OPTION_TYPES = {
     "int8_reduce_range": (lambda x: x is None or isinstance(x, bool), "None, True or False"),
     "base_dir": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "None or a folder path"),
     **{name: (lambda x: isinstance(x, bool), "True or False")
-       for name in ("fold_initializer_inputs", "verify_outputs", "fp16", "fp16_io", "int8")},
+       for name in ("fold_initializer_inputs", "verify_outputs", "fp16", "fp16_io", "int8", "inference_dropout")},
 }
 
 
@@ -188,6 +191,8 @@ def compile(  # noqa: A001 - the public name users expect
     int8_min_cosine: float = 0.99,
     int8_reduce_range: bool | None = None,
     base_dir: str | os.PathLike | None = None,
+    input_data=None,
+    inference_dropout: bool = False,
 ) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
 
@@ -201,6 +206,11 @@ def compile(  # noqa: A001 - the public name users expect
     compiling for another machine. `base_dir`: for a ModelProto or onnx_ir.Model whose weights are
     external data, the folder they may be read from (a path's folder is its own; locations that are
     absolute or escape that folder are refused).
+
+    Verification runs on `input_data` when given (an .npz path or a feed dict: the user's own
+    sample), else on synthesized inputs (see onnxopt.verify). `inference_dropout` turns
+    training-mode Dropout into inference Dropout before anything else (it changes the model on
+    purpose; the report lists the nodes).
     """
     start = time.perf_counter()
     if not (_is_int(opt_level) and opt_level in LEVELS):
@@ -244,21 +254,23 @@ def compile(  # noqa: A001 - the public name users expect
 
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     graph = load.load(model, base_dir=base_dir)
-    reads = reads_of(None, calibration_data)
+    reads = reads_of(None, calibration_data, input_data)
     if source is not None:
         reads.read(source, "the input model")
     # The loaded model's external tensors name every weight file it reads (the mapped model file too).
     reads.read_all(load.external_files(graph), "the input model's external data")
+    dropouts = inference_dropout_pass.apply(graph) if inference_dropout else []
     t_load = time.perf_counter()
 
     # Folding initializer inputs removes them from the interface on purpose; compare the rest.
     sig_before = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
     ops_before = report.op_counts(graph)
-    feeds = reference = None
+    ref = original = None
     if verify_outputs:
-        feeds = verify.synthesize_feeds(graph, input_shapes)
-        # The reference outputs come from the model as loaded, before any pass touches it.
-        reference = verify.run(graph, feeds)
+        # The reference outputs come from the model as loaded, before any pass touches it; the
+        # copy (sharing the weights) is kept to measure its rounding noise should the result differ.
+        ref = verify.reference(graph, input_shapes, input_data)
+        original = graph.clone()
     t_reference = time.perf_counter()
 
     if opset is not None:
@@ -267,6 +279,7 @@ def compile(  # noqa: A001 - the public name users expect
         records = pipeline.run(graph, infos, options)
     except CalibrationError as exc:
         raise CompileError(str(exc)) from None
+    ir_upgrade = ir_version.conform(graph)
     t_passes = time.perf_counter()
 
     sig_after = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
@@ -278,7 +291,7 @@ def compile(  # noqa: A001 - the public name users expect
 
     verification: dict = {"enabled": verify_outputs}
     if verify_outputs:
-        verification = _verify(reference, graph, feeds, tolerance, records, lossy_min_cosine, fp16 and fp16_io)
+        verification = _verify(ref, original, graph, tolerance, records, lossy_min_cosine, fp16 and fp16_io)
     t_end = time.perf_counter()
 
     rep = {
@@ -299,7 +312,12 @@ def compile(  # noqa: A001 - the public name users expect
             "calibration_method": calibration_method if int8 else None,
             "int8_min_cosine": int8_min_cosine if int8 else None,
             "int8_reduce_range": int8_reduce_range if int8 else None,
+            "input_data": (os.fspath(input_data) if isinstance(input_data, (str, os.PathLike))
+                           else "<feed dict>" if input_data is not None else None),
+            "inference_dropout": inference_dropout,
         },
+        "inference_dropout": {"changed": dropouts} if inference_dropout else None,
+        "ir_version_upgrade": ir_upgrade,
         "passes": records,
         "ops_before": ops_before,
         "ops_after": report.op_counts(graph),
@@ -320,8 +338,9 @@ def compile(  # noqa: A001 - the public name users expect
     return CompileResult(graph, rep, source, reads)
 
 
-def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[dict],
-            lossy_min_cosine: float | None = None, fp16_io: bool = False) -> dict:
+def _verify(reference: verify.Reference, original: ir.Model, graph: ir.Model, tolerance: float,
+            records: list[dict], lossy_min_cosine: float | None = None, fp16_io: bool = False) -> dict:
+    ref, feeds = reference.outputs, reference.feeds
     if fp16_io:
         # --fp16-io: the compiled model takes and returns float16 where the original had float32;
         # feed it the same samples rounded to float16 and compare its outputs as float32.
@@ -339,13 +358,27 @@ def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[d
                 d.cosine = verify.cosine(ref[d.name], got[d.name])
                 d.ok = d.cosine >= lossy_min_cosine
                 d.note = f"lossy: cosine {d.cosine:.6f} (target {lossy_min_cosine})"
+    floor: dict[str, float] = {}
+    if lossy_min_cosine is None and any(not d.ok and np.isfinite(d.rel) for d in diffs):
+        # Over the tolerance: is that more than the original's own rounding noise?
+        floor = verify.noise_floor(original, feeds, ref)
+        for d in diffs:
+            bound = verify.NOISE_MULTIPLE * floor.get(d.name, 0.0)
+            if not d.ok and np.isfinite(d.rel) and d.rel <= bound:
+                d.ok = True
+                d.note = (f"within {verify.NOISE_MULTIPLE:g}x the original's own rounding noise "
+                          f"{floor[d.name]:.3g} (margin {d.rel / floor[d.name]:.2f}x)")
     result = {
         "enabled": True,
         "tolerance": tolerance,
+        "input_source": reference.source,
         "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
+        "shapes_tried": [{k: list(v) for k, v in t.items()} for t in reference.tried],
         "outputs": [dataclasses.asdict(d) for d in diffs],
         "max_rel": max((d.rel for d in diffs), default=0.0),
         "lossy": lossy_min_cosine is not None,
+        "noise_floor": floor or None,
+        "noise_multiple": verify.NOISE_MULTIPLE if floor else None,
         "ok": all(d.ok for d in diffs),
     }
     bad = [d for d in diffs if not d.ok]
@@ -353,8 +386,21 @@ def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[d
         fired = ", ".join(r["name"] for r in records if r["fired"]) or "none"
         d = bad[0]
         detail = d.note or f"relative error {d.rel:.3g} > tolerance {tolerance:g}"
+        if not d.note:
+            noise = floor.get(d.name)
+            noise = ("" if noise is None else f"the original's own rounding noise is {noise:.2g}; ")
+            detail += f" ({noise}--tolerance {_round_up(d.rel):g} would accept it)"
         raise CompileError(f"verification failed: output {d.name!r}: {detail} (passes that fired: {fired})")
     return result
+
+
+def _round_up(x: float) -> float:
+    """The next 1, 2 or 5 times a power of ten at or above x (a tolerance to suggest)."""
+    exp = np.floor(np.log10(x))
+    for m in (1, 2, 5, 10):
+        if m * 10**exp >= x:
+            return float(m * 10**exp)
+    return float(x)
 
 
 def _fp16_interface(sig: dict) -> dict:

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="verification tolerance, relative to each output's magnitude (default 1e-4)")
     p.add_argument("--no-verify", action="store_true", help="skip running original and result in onnxruntime")
+    p.add_argument("--input-data", metavar="FILE.npz",
+                   help="verify on your own sample: one array per model input (instead of synthesized inputs)")
+    p.add_argument("--inference-dropout", action="store_true",
+                   help="turn training-mode Dropout into inference Dropout (changes the model; recorded in the report)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
     p.add_argument("--fold-initializer-inputs", action="store_true",
                    help="treat initializers that are also graph inputs as constants (changes the interface)")
@@ -130,12 +134,13 @@ def run_compile(args) -> int:
         raise CompileError(f"{args.model}: no such file")
     external = True if args.external_data else None
     # Every file this compile reads and writes, checked before any work (compiler/files.py).
-    plan = api.reads_of(args.model, args.calibration_data)
+    plan = api.reads_of(args.model, args.calibration_data, args.input_data)
     plan.writes = emit.output_files(out, external).writes
     if args.report:
         plan.write(args.report, "the report")
     plan.check()
     shapes = dict(verify.parse_input_shape(s) for s in args.input_shape)
+    verify.quiet_native_logs(not (args.debug or args.verbose))
     start = time.perf_counter()
     result = onnxopt.compile(
         args.model,
@@ -156,6 +161,8 @@ def run_compile(args) -> int:
         calibration_method=args.calibration_method,
         int8_min_cosine=args.int8_min_cosine,
         int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
+        input_data=args.input_data,
+        inference_dropout=args.inference_dropout,
     )
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
     _write_outputs(result, out, external, Path(args.report) if args.report else None)

@@ -85,13 +85,18 @@ def check(model: ir.Model, full_check: bool = True) -> None:
         onnx.checker.check_model(path, full_check=full_check)
 
 
-def session(model: ir.Model, options, providers):
-    """An onnxruntime session whose large weights are handed over as OrtValues, not protobuf."""
+def session(model: ir.Model, options, providers, edit=None):
+    """An onnxruntime session whose large weights are handed over as OrtValues, not protobuf.
+    `edit(proto)` may adjust the skeleton first (the verifier relaxes declared 0 dims)."""
     import onnxruntime as ort
 
     proto, weights = skeleton(model)
-    # onnxruntime drops unused initializers before it takes external ones: hand over used ones only.
-    used = {name for name, value in model.graph.initializers.items() if value.uses() or value.is_graph_output()}
+    if edit is not None:
+        edit(proto)
+    # onnxruntime drops unused initializers before it takes external ones: hand over used ones
+    # only. "Used" is read from the serialized graph (subgraphs included), not from the IR's use
+    # lists: a folded-away If or Loop can leave stale uses of a weight nothing reads any more.
+    used = _names_used(proto.graph) | {o.name for o in proto.graph.output}
     weights = [(name, t) for name, t in weights if name in used]
     values = [ort.OrtValue.ortvalue_from_numpy(array(t)) for _, t in weights]
     if weights:
@@ -99,6 +104,18 @@ def session(model: ir.Model, options, providers):
     sess = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
     sess._onnxopt_weights = values  # onnxruntime may use the buffers: keep them alive with it
     return sess
+
+
+def _names_used(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of `graph` or of its subgraphs reads."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                used |= _names_used(sub)
+                used.update(o.name for o in sub.output)
+    return used
 
 
 def _varint(n: int) -> bytes:

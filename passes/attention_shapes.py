@@ -430,6 +430,17 @@ class SymbolicShapes:
             data = [xdata[i] for i in idata]
         return [out], [data]
 
+    def _op_GatherND(self, node, ins):
+        # out = indices.shape[:-1] + data.shape[batch_dims + k:], k = indices.shape[-1] (dynamo
+        # exports index the attention mask so).
+        x, idx = ins[0], ins[1]
+        if x is None or idx is None or not idx or not idx[-1].is_int:
+            return None
+        start = self._int_attr(node, "batch_dims", 0) + int(idx[-1])
+        if start > len(x):
+            return None
+        return [tuple(idx[:-1]) + tuple(x[start:])], [None]
+
     def _op_Slice(self, node, ins):
         x = ins[0]
         if x is None:

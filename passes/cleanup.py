@@ -22,10 +22,12 @@ registry entry and the accounting the report needs.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.optimizer import fold_constants_ir
+from onnxscript.optimizer import _constant_folding, fold_constants_ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import (
     dropout_inference_rule,
@@ -95,15 +97,43 @@ def _should_fold(node: ir.Node) -> bool | None:
     return None
 
 
+@contextlib.contextmanager
+def _split_needs_constant_sizes(opset: int):
+    """Before opset 13 Split takes its sizes as an attribute, so onnxscript's SplitToSequence ->
+    Split rewrite (which passes them as an input) is only valid when they are constant (the
+    pipeline then moves them into the attribute, see opset_forms). onnxscript offers no switch:
+    its evaluator lookup is wrapped for the duration of the fold."""
+    if opset >= 13:
+        yield
+        return
+    registry = _constant_folding.registry
+    lookup = registry.lookup_evaluators
+
+    def guarded(domain, op_type, version):
+        found = lookup(domain, op_type, version)
+        if op_type != "SplitToSequence":
+            return found
+        return [lambda node, op, state, f=f: f(node, op, state)
+                if len(node.inputs) < 2 or checks.constant_array(node.inputs[1]) is not None else None
+                for f in found]
+
+    registry.lookup_evaluators = guarded
+    try:
+        yield
+    finally:
+        registry.lookup_evaluators = lookup
+
+
 @register("fold_constants", level=1, stage="cleanup")
 class FoldConstantsPass(OptPass):
     """op(constants) = constant; shape ops over static shapes become constants."""
 
     def apply(self, model: ir.Model) -> int:
-        changed = _changes(
-            model,
-            lambda m: fold_constants_ir(m, should_fold=_should_fold).modified,
-        )
+        with _split_needs_constant_sizes(model.opset_imports.get("", 99)):
+            changed = _changes(
+                model,
+                lambda m: fold_constants_ir(m, should_fold=_should_fold).modified,
+            )
         _rewrap_strings(model)
         return changed
 

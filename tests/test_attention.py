@@ -416,3 +416,15 @@ def test_float16_block_is_declined():
     rec = _pass(report, "attention")
     assert rec["fired"] == 0
     assert [d["reason"] for d in rec["declined"]] == ["the scores are FLOAT16, not float32"]
+
+
+@pytest.mark.parametrize("case", ZOO, ids=_id)
+def test_zoo_exports_fuse_without_value_info(case):
+    """The same exports with graph.value_info cleared: the matcher infers the shapes it needs
+    (dynamo exports index the mask with GatherND, whose shape only the exporter had declared)."""
+    kw, blocks, _ = case
+    path = zoo.build(**kw, strip_value_info=True)
+    model = onnx.load(str(path))
+    assert not model.graph.value_info
+    assert_rewrite(3, model, zoo.sample_feeds(kw["name"], path), expect_ops={ATT: blocks, MHA: 0},
+                   absent_ops=("Softmax",))
