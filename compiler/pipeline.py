@@ -13,7 +13,7 @@ import time
 import onnx_ir as ir
 
 from onnxopt.passes import PassInfo, opset_forms
-from onnxopt.passes.base import MAX_DECLINED_LISTED
+from onnxopt.passes.base import MAX_DECLINED_LISTED, OptPass
 
 MAX_CLEANUP_ROUNDS = 4
 
@@ -33,7 +33,7 @@ def _record(info: PassInfo) -> dict:
 
 def _run_one(info: PassInfo, model: ir.Model, rec: dict, output_names: list[str], options: dict) -> bool:
     p = info.factory()
-    if hasattr(p, "configure"):
+    if isinstance(p, OptPass):
         # Passes that need compile options (calibration data, fidelity targets) take them here.
         p.configure(options)
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def _run_one(info: PassInfo, model: ir.Model, rec: dict, output_names: list[str]
     # Only the last run's declines are current: earlier rounds may have declined what later fired.
     rec["declined_count"] = len(declined)
     rec["declined"] = [d.as_dict() for d in declined[:MAX_DECLINED_LISTED]]
-    details = getattr(p, "details", None)
+    details = p.details if isinstance(p, OptPass) else None
     if details:
         rec["details"] = details  # e.g. int8 scales, excluded layers, held-out fidelity
     return bool(result.modified)

@@ -11,7 +11,7 @@ from onnxopt.passes.base import OptPass, RewritePass
 from onnxopt.passes.registry import PassInfo, all_passes, get, register, select
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _module not in ("base", "registry", "checks", "plugins"):
+    if not _module.startswith("_") and _module not in ("base", "registry", "plugins"):
         importlib.import_module(f"{__name__}.{_module}")
 
 # Passes of installed packages (entry point group "onnxopt.passes"), after the built-in ones.

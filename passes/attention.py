@@ -14,7 +14,7 @@ fact is checked, and a candidate that fails a check is declined with the reason 
 report), leaving the block to the merged-QKV pass (-O2, runs after this one):
   * Softmax over the last axis of rank-4 scores (batch, heads, q, k).
   * Q, K^T and V reach the score and context MatMuls through Reshape/Transpose chains whose
-    effect is proved, by following the chain's symbolic shapes (attention_shapes), to be exactly
+    effect is proved, by following the chain's symbolic shapes (passes/_lib/symbolic_shapes.py), to be exactly
     "split the hidden axis into H heads of size D and move heads before the sequence"; the context
     comes back through Transpose/Reshape to (batch, seq, H * D). H and D are read from the reshape
     targets and must agree for Q, K and V (V's head size may differ) and with the weights' width.
@@ -22,7 +22,7 @@ report), leaving the block to the merged-QKV pass (-O2, runs after this one):
     Div by sqrt(D), Mul by 1/sqrt(D), or sqrt(1/sqrt(D)) on each of Q and K^T) must equal
     1/sqrt(D) (relative 1e-5); it is written into the `scale` attribute as read.
   * mask: the terms added to (or Where-selected into) the scores are checked by
-    attention_mask.analyze: a function of one 2-D 0/1 integer graph input with the block's
+    mask_analysis.analyze: a function of one 2-D 0/1 integer graph input with the block's
     (batch, key length) dims that is 0 on kept keys and <= -1e4 on masked ones, kept meaning
     mask = 1 (padding, becomes mask_index) or mask = 1 and k <= q (causal, unidirectional=1),
     or a causal mask with no input at all; no mask at all (ViT) is fine too.
@@ -46,9 +46,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes import checks
-from onnxopt.passes.attention_mask import MaskError, MaskInfo, MaskTerm, analyze
-from onnxopt.passes.attention_shapes import Dim, SymbolicShapes
+from onnxopt.passes._lib import graph as lib
+from onnxopt.passes._lib.mask_analysis import MaskError, MaskInfo, MaskTerm, analyze
+from onnxopt.passes._lib.symbolic_shapes import Dim, SymbolicShapes
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.merge_qkv import new_initializer
 from onnxopt.passes.registry import register
@@ -168,13 +168,13 @@ class _Block:
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """checks.constant_array, seeing through Identity (the legacy exporter's shared weights)."""
+    """lib.constant_array, seeing through Identity (the legacy exporter's shared weights)."""
     for _ in range(8):
         node = value.producer() if value is not None and not value.is_graph_input() else None
         if not _std(node, "Identity"):
             break
         value = node.inputs[0]
-    return checks.constant_array(value)
+    return lib.constant_array(value)
 
 
 def _scalar(value: ir.Value | None) -> float | None:

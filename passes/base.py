@@ -24,10 +24,23 @@ class Declined:
         return dataclasses.asdict(self)
 
 
+class Decline(Exception):
+    """A candidate refused by a precondition; the message is the reason the report gives."""
+
+
+def need(condition, reason: str) -> None:
+    """Raise Decline(reason) unless `condition` holds: the one way a matcher says no."""
+    if not condition:
+        raise Decline(reason)
+
+
 class OptPass(ir.passes.InPlacePass):
     """An in-place pass that counts how often it fired and why it declined candidates.
 
-    Subclasses implement `apply(model) -> int` (number of rewrites) and may call `decline()`.
+    Subclasses implement `apply(model) -> int` (number of rewrites) and call `decline()` for each
+    candidate they refuse (typically from a `Decline` raised by `need()` or a `_lib` reader).
+    Passes that need compile options take them in `configure(options)`; what a pass wants in the
+    report beyond counts goes in `details` (e.g. int8 scales).
     """
 
     pass_name = "unnamed"
@@ -36,16 +49,24 @@ class OptPass(ir.passes.InPlacePass):
         super().__init__()
         self.fired = 0
         self.declined: list[Declined] = []
+        self._declined_keys: set[tuple[str, str, str]] = set()
+        self.details: dict | None = None
 
-    def decline(self, rule: str, node: ir.Node | None, reason: str) -> None:
-        self.declined.append(
-            Declined(
-                rule=rule,
-                node=(node.name or "") if node is not None else "",
-                op=node.op_type if node is not None else "",
-                reason=reason,
-            )
-        )
+    def configure(self, options: dict) -> None:
+        """Take the compile options this pass uses (default: none)."""
+
+    def decline(self, rule: str | None, node: ir.Node | None, reason: str) -> None:
+        """Record a refused candidate once per (node, reason); `rule` defaults to the pass's name."""
+        self.add_declined(Declined(rule=rule or self.pass_name, node=(node.name or "") if node is not None else "",
+                                   op=node.op_type if node is not None else "", reason=reason))
+
+    def add_declined(self, d: Declined) -> None:
+        """Keep `d` unless the same node was already declined for the same reason (by any rule or
+        round; node names are unique after canonicalize)."""
+        key = (d.node, d.op, d.reason)
+        if key not in self._declined_keys:
+            self._declined_keys.add(key)
+            self.declined.append(d)
 
     @abc.abstractmethod
     def apply(self, model: ir.Model) -> int:
@@ -54,6 +75,7 @@ class OptPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.fired = 0
         self.declined = []
+        self._declined_keys = set()
         self.fired = int(self.apply(model))
         return ir.passes.PassResult(model, modified=self.fired > 0)
 

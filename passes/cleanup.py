@@ -38,7 +38,7 @@ from onnxscript.rewriter.rules.common import (
     reshape_reshape_rule,
 )
 
-from onnxopt.passes import checks
+from onnxopt.passes._lib import graph as lib
 from onnxopt.passes.base import OptPass, RewritePass
 from onnxopt.passes.registry import register
 
@@ -91,7 +91,7 @@ def _should_fold(node: ir.Node) -> bool | None:
     if any(v is not None and v.is_graph_input() for v in node.inputs):
         return False
     if node.op_type == "ConstantOfShape" and node.domain in ("", "ai.onnx"):
-        shape = checks.constant_array(node.inputs[0]) if node.inputs else None
+        shape = lib.constant_array(node.inputs[0]) if node.inputs else None
         if shape is not None and shape.ndim == 1 and np.all(shape >= 0) and int(np.prod(shape)) <= SMALL_CONSTANT_OF_SHAPE:
             return True
     return None
@@ -114,7 +114,7 @@ def _split_needs_constant_sizes(opset: int):
         if op_type != "SplitToSequence":
             return found
         return [lambda node, op, state, f=f: f(node, op, state)
-                if len(node.inputs) < 2 or checks.constant_array(node.inputs[1]) is not None else None
+                if len(node.inputs) < 2 or lib.constant_array(node.inputs[1]) is not None else None
                 for f in found]
 
     registry.lookup_evaluators = guarded
@@ -156,22 +156,22 @@ class NoOpReshape(pattern.RewriteRuleClassBase):
         return op.Reshape(x, shape, _allow_other_attributes=True)
 
     def check(self, context, x, shape, **_):
-        target = checks.constant_array(shape)
+        target = lib.constant_array(shape)
         if target is None:
-            return checks.fail("target shape is not constant")
-        dims = checks.static_shape(x)
+            return lib.fail("target shape is not constant")
+        dims = lib.static_shape(x)
         if dims is None:
-            return checks.fail("input shape is not static")
+            return lib.fail("input shape is not static")
         target = [int(t) for t in target.tolist()]
         if len(target) != len(dims):
-            return checks.fail("rank changes")
+            return lib.fail("rank changes")
         resolved = [d if t == 0 else t for t, d in zip(target, dims)]
         if -1 in resolved:
             known = int(np.prod([t for t in resolved if t != -1]))
             resolved = [int(np.prod(dims)) // known if t == -1 else t for t in resolved]
         if resolved != list(dims):
-            return checks.fail(f"shape {dims} is changed to {resolved}")
-        return checks.ok()
+            return lib.fail(f"shape {dims} is changed to {resolved}")
+        return lib.ok()
 
     def rewrite(self, op, x, shape, **_):
         return op.Identity(x)

@@ -30,18 +30,11 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from onnxopt.kernels import folding
-from onnxopt.passes import checks
+from onnxopt.passes._lib import graph as lib
 from onnxopt.passes.base import RewritePass
-from onnxopt.passes.fold_batchnorm import (
-    check_weights,
-    constant,
-    new_initializer,
-    note_shared_outputs,
-    optional_input,
-    producer_layout,
-    rank_of,
-    rewritable_constant,
-)
+from onnxopt.passes._lib.folding import check_weights, note_shared_outputs, producer_layout, rank_of
+from onnxopt.passes._lib.graph import new_initializer, optional_input
+from onnxopt.passes.base import Decline, need
 from onnxopt.passes.registry import register
 
 # A failed check whose reason starts with this is not a candidate: it is counted, not listed.
@@ -49,16 +42,11 @@ _QUIET = "not a candidate: "
 _GEMM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16})
 
 
-def _quiet(reason: str) -> pattern.MatchResult:
-    return checks.fail(_QUIET + reason)
-
-
-def _operand(value: ir.Value, what: str):
-    """(array, None), or (None, failed MatchResult): quiet when the operand is computed."""
-    if value.const_value is not None or checks.constant_array(value) is not None:
-        array, reason = constant(value, what)
-        return array, (checks.fail(reason) if reason else None)
-    return None, _quiet(f"{what} is computed")
+def _operand(value: ir.Value, what: str) -> np.ndarray:
+    """The constant operand; a Decline otherwise, quiet (not listed) when the operand is computed."""
+    if value.const_value is not None or lib.constant_array(value) is not None:
+        return lib.constant(value, what)
+    raise Decline(f"{_QUIET}{what} is computed")
 
 
 def _channel_reason(c: np.ndarray, rank: int, channels: int, what: str) -> str:
@@ -82,56 +70,49 @@ class _ConvChannelOp(pattern.RewriteRuleClassBase):
         y = getattr(op, self.producer_op)(x, w, _allow_other_inputs=True, _outputs=["conv_out"])
         return getattr(op, self.consumer_op)(y, c)
 
-    def _vector(self, w: ir.Value, c: ir.Value, conv: ir.Node):
-        """(per-channel vector, channel count) or a failed MatchResult."""
+    def _vector(self, w: ir.Value, c: ir.Value, conv: ir.Node) -> tuple[np.ndarray, int]:
+        """(per-channel vector, channel count); raises Decline."""
         what = f"the {self.consumer_op}'s other operand"
-        array, failure = _operand(c, what)
-        if failure is not None:
-            return failure
-        if w.shape is None or not all(isinstance(d, int) for d in w.shape.dims):
-            return checks.fail(f"{conv.op_type} weights' shape is unknown")
+        array = _operand(c, what)
+        need(w.shape is not None and all(isinstance(d, int) for d in w.shape.dims),
+             f"{conv.op_type} weights' shape is unknown")
         layout, group = producer_layout(conv)
         dims = tuple(w.shape.dims)
-        if len(dims) < 3 or (layout == "conv_transpose" and (group < 1 or dims[0] % group)):
-            return checks.fail(f"{conv.op_type} weights have shape {dims}")
+        need(len(dims) >= 3 and not (layout == "conv_transpose" and (group < 1 or dims[0] % group)),
+             f"{conv.op_type} weights have shape {dims}")
         channels = folding.output_channels(np.empty(dims, dtype=np.uint8), layout, group)
         rank = rank_of(conv.outputs[0]) or len(dims)
         vector = folding.channel_vector(array, rank, channels)
         if vector is None:
-            return checks.fail(_channel_reason(array, rank, channels, what))
+            raise Decline(_channel_reason(array, rank, channels, what))
         return vector, channels
 
 
-def _check_bias(conv: ir.Node, channels: int) -> pattern.MatchResult:
+def _check_bias(conv: ir.Node, channels: int) -> None:
     """The Conv's bias, if any, is a rewritable constant with one value per output channel."""
     bias = optional_input(conv, 2)
     if bias is not None:
-        b, reason = rewritable_constant(bias, f"{conv.op_type} bias")
-        if reason:
-            return checks.fail(reason)
-        if b.size != channels:
-            return checks.fail(f"{conv.op_type} bias has shape {b.shape}")
-    return checks.ok()
+        b = lib.rewritable_constant(bias, f"{conv.op_type} bias")
+        need(b.size == channels, f"{conv.op_type} bias has shape {b.shape}")
 
 
 class ConvAddBias(_ConvChannelOp):
     """Add(Conv(x, W, b), t) -> Conv(x, W, b + t)."""
 
+    @lib.declines_as_fail
     def check(self, context, x, w, c, conv_out, **_):
         conv = conv_out.producer()
-        found = self._vector(w, c, conv)
-        if isinstance(found, pattern.MatchResult):
-            return found
-        return _check_bias(conv, channels=found[1])
+        _check_bias(conv, channels=self._vector(w, c, conv)[1])
+        return lib.ok()
 
     def rewrite(self, op, x, w, c, conv_out, **_):
         conv = conv_out.producer()
         vector, channels = self._vector(w, c, conv)
         bias = optional_input(conv, 2)
-        b = None if bias is None else checks.constant_array(bias)
+        b = None if bias is None else lib.constant_array(bias)
         new_b = folding.fold_bias(b, vector, channels, like=vector)  # the Add's (= the Conv's) dtype
         base = f"{bias.name}.biasfold" if bias is not None else f"{c.name}.biasfold"
-        b_value = new_initializer(op, new_b, conv.graph, base)
+        b_value = new_initializer(conv.graph, new_b, base, op)
         return op.op(conv.op_type, x, w, b_value, **dict(conv.attributes))
 
 
@@ -140,29 +121,25 @@ class ConvMulScale(_ConvChannelOp):
 
     consumer_op = "Mul"
 
+    @lib.declines_as_fail
     def check(self, context, x, w, c, conv_out, **_):
         conv = conv_out.producer()
-        found = self._vector(w, c, conv)
-        if isinstance(found, pattern.MatchResult):
-            return found
-        weights, reason = rewritable_constant(w, f"{conv.op_type} weights")
-        if reason:
-            return checks.fail(reason)
-        reason = check_weights(conv, weights, channels=found[1])
-        if reason:
-            return checks.fail(reason)
-        return _check_bias(conv, channels=found[1])
+        channels = self._vector(w, c, conv)[1]
+        reason = check_weights(conv, lib.rewritable_constant(w, f"{conv.op_type} weights"), channels=channels)
+        need(reason is None, reason)
+        _check_bias(conv, channels=channels)
+        return lib.ok()
 
     def rewrite(self, op, x, w, c, conv_out, **_):
         conv = conv_out.producer()
         vector, _ = self._vector(w, c, conv)
         layout, group = producer_layout(conv)
         bias = optional_input(conv, 2)
-        b = None if bias is None else checks.constant_array(bias)
-        new_w, new_b = folding.fold_scale(checks.constant_array(w), b, vector, layout, group)
-        inputs = [x, new_initializer(op, new_w, conv.graph, f"{w.name}.mulfold")]
+        b = None if bias is None else lib.constant_array(bias)
+        new_w, new_b = folding.fold_scale(lib.constant_array(w), b, vector, layout, group)
+        inputs = [x, new_initializer(conv.graph, new_w, f"{w.name}.mulfold", op)]
         if new_b is not None:
-            inputs.append(new_initializer(op, new_b, conv.graph, f"{bias.name}.mulfold"))
+            inputs.append(new_initializer(conv.graph, new_b, f"{bias.name}.mulfold", op))
         return op.op(conv.op_type, *inputs, **dict(conv.attributes))
 
 
@@ -193,23 +170,18 @@ class MatMulAddToGemm(pattern.RewriteRuleClassBase):
     def pattern(self, op, a, b, c):
         return op.Add(op.MatMul(a, b, _outputs=["mm_out"]), c, _outputs=["add_out"])
 
+    @lib.declines_as_fail
     def check(self, context, a, b, c, mm_out, add_out, **_):
-        bias, failure = _operand(c, "the Add's other operand")
-        if failure is not None:
-            return failure
-        if _a_rank(a, b, mm_out, add_out, bias) != 2:
-            return _quiet("MatMul input is not known to be 2-D")
-        weights, reason = constant(b, "MatMul's B")
-        if reason:
-            return checks.fail(reason)
-        if ir.DataType.from_numpy(weights.dtype) not in _GEMM_TYPES:
-            return checks.fail(f"MatMul is {weights.dtype}; onnxruntime has no Gemm kernel for that type")
-        if weights.ndim != 2:
-            return checks.fail(f"MatMul's B has rank {weights.ndim}, expected 2")
+        bias = _operand(c, "the Add's other operand")
+        need(_a_rank(a, b, mm_out, add_out, bias) == 2, f"{_QUIET}MatMul input is not known to be 2-D")
+        weights = lib.constant(b, "MatMul's B")
+        need(ir.DataType.from_numpy(weights.dtype) in _GEMM_TYPES,
+             f"MatMul is {weights.dtype}; onnxruntime has no Gemm kernel for that type")
+        need(weights.ndim == 2, f"MatMul's B has rank {weights.ndim}, expected 2")
         n = weights.shape[1]
-        if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n)) or (bias.ndim == 2 and bias.shape[0] != 1):
-            return checks.fail(f"the bias of shape {bias.shape} does not broadcast to [{n}] or [1, {n}]")
-        return checks.ok()
+        need(not (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n)) or (bias.ndim == 2 and bias.shape[0] != 1)),
+             f"the bias of shape {bias.shape} does not broadcast to [{n}] or [1, {n}]")
+        return lib.ok()
 
     def rewrite(self, op, a, b, c, **_):
         return op.Gemm(a, b, c)
@@ -226,21 +198,19 @@ class FoldBiasPass(RewritePass):
         self._quiet: set[tuple[str, str, str]] = set()
 
     def decline(self, rule, node, reason) -> None:
+        # (The commuted variant of a rule finding the same candidate is de-duplicated by the base.)
         if reason.startswith(_QUIET):
             self._quiet.add((rule, node.name if node is not None else "", reason))
             return
-        name = (node.name or "") if node is not None else ""
-        if any(d.node == name and d.reason == reason for d in self.declined):
-            return  # the commuted variant of a rule found the same candidate
         super().decline(rule, node, reason)
 
     def apply(self, model: ir.Model) -> int:
         self._quiet.clear()
         count = super().apply(model)
         for node in model.graph:
-            if node.op_type in ("Add", "Mul") and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+            if lib.standard(node, "Add", "Mul") and len(node.inputs) == 2:
                 for y, c in (node.inputs, reversed(node.inputs)):
-                    if y is not None and c is not None and checks.constant_array(c) is not None:
+                    if y is not None and c is not None and lib.constant_array(c) is not None:
                         if y.producer() is not None and y.producer().op_type in ("Conv", "ConvTranspose"):
                             note_shared_outputs(self, f"Conv{node.op_type}", node, [y])
         left = {node for (rule, node, reason) in self._quiet if rule == "MatMulAddToGemm" and "2-D" in reason}

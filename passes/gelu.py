@@ -37,7 +37,7 @@ import math
 
 import onnx_ir as ir
 
-from onnxopt.passes import checks
+from onnxopt.passes._lib import graph as lib
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.layernorm import (
     MS,
@@ -85,7 +85,7 @@ def _dtype(*values: ir.Value | None) -> ir.DataType | None:
     for v in values:
         if v is None:
             continue
-        tensor = ir.convenience.get_const_tensor(v) if checks.constant_array(v) is not None else None
+        tensor = ir.convenience.get_const_tensor(v) if lib.constant_array(v) is not None else None
         if tensor is not None:
             return tensor.dtype
         if v.dtype is not None:
@@ -229,11 +229,11 @@ def _bias(x: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
         return None
     for mm, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         matmul = produced_by(mm, "MatMul")
-        bias = checks.constant_array(b)
+        bias = lib.constant_array(b)
         if matmul is None or bias is None or bias.ndim != 1:
             continue
         w = matmul.inputs[1]
-        w_array = checks.constant_array(w)
+        w_array = lib.constant_array(w)
         w_shape = w_array.shape if w_array is not None else (w.shape.dims if w.shape is not None else None)
         if w_shape and len(w_shape) >= 2 and isinstance(w_shape[-1], int) and w_shape[-1] == bias.shape[0]:
             return add, mm, b

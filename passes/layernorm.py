@@ -56,8 +56,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes import checks
-from onnxopt.passes.attention_shapes import SymbolicShapes
+from onnxopt.passes._lib import graph as lib
+from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
 from onnxopt.passes.base import OptPass
 from onnxopt.kernels import catalogue
 from onnxopt.passes.registry import register
@@ -103,7 +103,7 @@ def scalar(value: ir.Value | None) -> float | None:
     Rank <= 1 so that broadcasting it cannot change the other operand's shape (for operands of
     rank >= 1, which every pattern here has: they feed a reduction over the last axis or a MatMul).
     """
-    array = checks.constant_array(value)
+    array = lib.constant_array(value)
     if array is None or array.size != 1 or array.ndim > 1 or array.dtype.kind != "f":
         return None
     return float(array.reshape(-1)[0])
@@ -112,7 +112,7 @@ def scalar(value: ir.Value | None) -> float | None:
 def split_constant(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     """(computed operand, constant operand) of a binary node with exactly one constant operand."""
     a, b = node.inputs[0], node.inputs[1]
-    a_const, b_const = checks.constant_array(a) is not None, checks.constant_array(b) is not None
+    a_const, b_const = lib.constant_array(a) is not None, lib.constant_array(b) is not None
     if a_const == b_const:
         return None, None
     return (b, a) if a_const else (a, b)
@@ -131,7 +131,7 @@ def reduces_last_axis(node: ir.Node, rank: int | None) -> str | None:
     if attr is not None:
         axes = list(attr.value)
     elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = checks.constant_array(node.inputs[1])
+        array = lib.constant_array(node.inputs[1])
         if array is None:
             return f"{node.op_type} axes are not constant"
         axes = [int(a) for a in array.reshape(-1)]
@@ -150,7 +150,7 @@ def feature_vector(value: ir.Value | None, what: str) -> tuple[np.ndarray | None
         return None, f"{what} is missing"
     if value.is_graph_input():
         return None, f"{what} {value.name!r} is a graph input (a caller may override it)"
-    array = checks.constant_array(value)
+    array = lib.constant_array(value)
     if array is None:
         return None, f"{what} is computed, not a constant"
     if array.ndim != 1 or array.shape[0] < 2:
@@ -317,7 +317,7 @@ def match_norm(anchor: ir.Node, rank_of) -> Norm:
         need(standard(mul, "Mul"), "the inverse square root is not multiplied once")
         nodes.append(mul)
         operand = other_input(mul, inverse)
-        if checks.constant_array(operand) is not None and kind == "layer":
+        if lib.constant_array(operand) is not None and kind == "layer":
             # TF / Keras: g = r * gamma; y = x * g + (beta - mean * g).
             gamma = operand
             output, beta = _match_tf_shift(mul.outputs[0], x, mean, nodes)
@@ -380,7 +380,7 @@ def _match_tf_shift(g: ir.Value, x: ir.Value, mean: ir.Node, nodes: list[ir.Node
     else:
         need(standard(shift, "Sub") and shift.inputs[1] is scaled_mean.outputs[0], "mean * g is not subtracted from beta")
         beta = shift.inputs[0]
-    need(checks.constant_array(beta) is not None, "the shift (beta) is not a constant")
+    need(lib.constant_array(beta) is not None, "the shift (beta) is not a constant")
     final = only_use(shift.outputs[0])
     need(standard(final, "Add") and other_input(final, shift.outputs[0]) is scaled_x.outputs[0],
           "x * g and the shift are not added")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes import checks
+from onnxopt.passes._lib import graph as lib
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.registry import register
 
@@ -49,7 +49,7 @@ def _bias(node: ir.Node, width: int, dtype) -> tuple[ir.Node, np.ndarray, ir.Val
     other = add.inputs[1 - uses[0].idx]
     if other is y:
         return None
-    bias = checks.constant_array(other)
+    bias = lib.constant_array(other)
     if bias is None or bias.shape != (width,) or bias.dtype != dtype:
         return None
     return add, bias, other
@@ -94,7 +94,7 @@ class MergeQKVPass(OptPass):
                         shared[value].append(node)
         count = 0
         for x, users in shared.items():
-            if len(users) < 2 or checks.constant_array(x) is not None:
+            if len(users) < 2 or lib.constant_array(x) is not None:
                 continue
             count += self._merge(graph, x, users)
         return count
@@ -109,7 +109,7 @@ class MergeQKVPass(OptPass):
             if w_value is not None and w_value.is_graph_input():
                 self.decline(RULE, node, f"weight {w_value.name!r} is a graph input (overridable), not a constant")
                 continue
-            weight = checks.constant_array(w_value)
+            weight = lib.constant_array(w_value)
             if weight is None:
                 self.decline(RULE, node, f"weight {getattr(w_value, 'name', None)!r} is not a constant")
                 continue

@@ -56,7 +56,7 @@ from onnxopt.kernels import calibration, quantize
 from onnxopt.passes import calibration_data
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.calibration_data import CalibrationError
-from onnxopt.passes.checks import constant_array
+from onnxopt.passes._lib.graph import constant_array
 from onnxopt.kernels.metrics import cosine
 from onnxopt.passes.registry import register
 

@@ -12,7 +12,7 @@ normalizes x with epsilon / 4; see passes/layernorm.py). When the sum a + b has 
 kernel's fourth output, input_skip_bias_sum.
 
 Preconditions, each refusal reported with its reason:
-- a and b have the same shape, proven by symbolic shapes (passes/attention_shapes.py: equal dims
+- a and b have the same shape, proven by symbolic shapes (passes/_lib/symbolic_shapes.py: equal dims
   are equal on every input the model accepts), of rank 2 or 3 (what the kernels take). A
   broadcasting skip (BERT's position embeddings, [1, S, D] + [B, S, D]) is refused: onnxruntime
   would silently compute the smaller shape if it became the kernel's input;
@@ -31,8 +31,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes import checks
-from onnxopt.passes.attention_shapes import SymbolicShapes
+from onnxopt.passes._lib import graph as lib
+from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.layernorm import MS, ensure_opset, produced_by
 from onnxopt.kernels import catalogue
@@ -92,10 +92,10 @@ def _foldable_bias(operand: ir.Value, d: int) -> ir.Node | None:
         return None
     for mm, c in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         matmul = produced_by(mm, "MatMul")
-        bias = checks.constant_array(c)
+        bias = lib.constant_array(c)
         if matmul is None or bias is None or bias.shape != (d,):
             continue
-        w = checks.constant_array(matmul.inputs[1])
+        w = lib.constant_array(matmul.inputs[1])
         w_shape = w.shape if w is not None else (matmul.inputs[1].shape.dims if matmul.inputs[1].shape else None)
         if w_shape and len(w_shape) >= 2 and w_shape[-1] == d:
             return add

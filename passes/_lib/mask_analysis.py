@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 from onnx import reference
 
-from onnxopt.passes.attention_shapes import Dim, SymbolicShapes
+from onnxopt.passes._lib.symbolic_shapes import Dim, SymbolicShapes
 
 MAX_CONE_NODES = 400
 # A masked score must be at least this negative: exp(s - 1e4) is 0 in float32 for any score s
