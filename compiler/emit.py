@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 
 from onnxopt import weights

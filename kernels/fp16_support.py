@@ -29,6 +29,8 @@ default): the spec computes its mean and variance in float32 whatever the input 
 
 from __future__ import annotations
 
+import numpy as np
+
 from onnxopt.kernels import catalogue
 
 MS = "com.microsoft"
@@ -81,6 +83,17 @@ _GPU_STANDARD_FP16 = frozenset(
 _CUDA_CONTRIB_FP16 = frozenset(
     (k.domain, k.op) for k in catalogue.CATALOGUE.values() if "float16" in k.dtypes.get("cuda", ())
 )
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def to_fp16_array(arr: np.ndarray) -> np.ndarray:
+    """float32 -> float16 with finite values clamped to +-65504 (inf and NaN are kept)."""
+    arr = np.asarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr)
+    clamped = np.where(finite, np.clip(arr, -FP16_MAX, FP16_MAX), arr)
+    return clamped.astype(np.float16)
+
 
 FP16_OPS: dict[str, frozenset[tuple[str, str]]] = {
     "cpu": CPU_FP16_OPS,

@@ -46,20 +46,16 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.kernels import catalogue
 from onnxopt.passes._lib import graph as lib
+from onnxopt.passes._lib.graph import new_initializer
 from onnxopt.passes._lib.mask_analysis import MaskError, MaskInfo, MaskTerm, analyze
 from onnxopt.passes._lib.symbolic_shapes import Dim, SymbolicShapes
-from onnxopt.passes.base import OptPass
-from onnxopt.passes.merge_qkv import new_initializer
+from onnxopt.passes.base import Decline, OptPass
 from onnxopt.passes.registry import register
 
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = lib.MS
 SCALE_RTOL = 1e-5
-RULE = "attention"
-
-
-class _Decline(Exception):
-    pass
 
 
 # -- layouts: which axes of (batch, seq, heads, head size) a tensor holds, in order -------------
@@ -75,7 +71,7 @@ class _Layout:
     def transpose(self, perm) -> _Layout:
         perm = list(range(len(self.groups)))[::-1] if perm is None else list(perm)
         if sorted(perm) != list(range(len(self.groups))):
-            raise _Decline(f"Transpose perm {perm} does not fit rank {len(self.groups)}")
+            raise Decline(f"Transpose perm {perm} does not fit rank {len(self.groups)}")
         return _Layout([self.groups[p] for p in perm], self.sizes)
 
     def reshape(self, target: tuple) -> _Layout:
@@ -84,11 +80,11 @@ class _Layout:
         groups, i = [], 0
         for t in target:
             if t is None:
-                raise _Decline("a reshape target dim is unknown")
+                raise Decline("a reshape target dim is unknown")
             group, prod = [], Dim(1)
             while prod != t:
                 if i >= len(atoms):
-                    raise _Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
+                    raise Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
                 a = atoms[i]
                 nxt = prod * sizes[a]
                 if t.divide(nxt) is not None:
@@ -103,10 +99,10 @@ class _Layout:
                     sizes["h"], sizes["d"] = need, Dim(n.coef // need.coef)
                     atoms[i : i + 1] = ["h", "d"]
                     continue
-                raise _Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
+                raise Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
             groups.append(tuple(group))
         if any(sizes[a] != 1 for a in atoms[i:]):
-            raise _Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
+            raise Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
         if groups and i < len(atoms):
             groups[-1] = groups[-1] + tuple(atoms[i:])
         return _Layout(groups, sizes)
@@ -168,29 +164,17 @@ class _Block:
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """lib.constant_array, seeing through Identity (the legacy exporter's shared weights)."""
-    for _ in range(8):
-        node = value.producer() if value is not None and not value.is_graph_input() else None
-        if not _std(node, "Identity"):
-            break
-        value = node.inputs[0]
-    return lib.constant_array(value)
+    # The legacy exporter shares weights through Identity nodes.
+    return lib.constant_array(value, through_identity=True)
 
 
 def _scalar(value: ir.Value | None) -> float | None:
-    array = _constant(value)
-    if array is None or array.size != 1 or array.dtype.kind != "f":
-        return None
-    return float(array.reshape(-1)[0])
+    return lib.scalar(value, through_identity=True, max_rank=None)
 
 
 def _is_float32_cast(node: ir.Node) -> bool:
     attr = node.attributes.get("to")
     return node.op_type == "Cast" and attr is not None and attr.value == ir.DataType.FLOAT
-
-
-def _std(node: ir.Node | None, *ops: str) -> bool:
-    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in ops
 
 
 # Ops whose output has the element type of some of their inputs: op -> those inputs (None: all).
@@ -236,9 +220,9 @@ def _leads_to_scores(value: ir.Value) -> bool:
         node = value.producer()
         if node is None:
             return False
-        if _std(node, "MatMul"):
+        if lib.standard(node, "MatMul"):
             return all(_constant(v) is None for v in node.inputs)
-        if _std(node, "Add", "Mul", "Div", "Cast", "Where"):
+        if lib.standard(node, "Add", "Mul", "Div", "Cast", "Where"):
             data = node.inputs[1:] if node.op_type == "Where" else node.inputs
             nonconst = [v for v in data if v is not None and _constant(v) is None]
             if not nonconst:
@@ -249,7 +233,7 @@ def _leads_to_scores(value: ir.Value) -> bool:
     return False
 
 
-@register("attention", level=3, stage="fusion", targets=("cpu", "cuda"), order=50)
+@register("attention", level=3, stage="fusion", targets=catalogue.kernel("Attention").emit_targets, order=50)
 class AttentionFusionPass(OptPass):
     """Self-attention blocks become com.microsoft Attention (or MultiHeadAttention)."""
 
@@ -264,15 +248,15 @@ class AttentionFusionPass(OptPass):
         graph = model.graph
         shapes = SymbolicShapes(graph)
         self._mask_casts: dict[ir.Value, ir.Value] = {}
-        self._masks: dict[tuple, MaskInfo | _Decline] = {}
+        self._masks: dict[tuple, MaskInfo | Decline] = {}
         count = 0
-        for softmax in [n for n in graph if _std(n, "Softmax")]:
+        for softmax in [n for n in graph if lib.standard(n, "Softmax")]:
             if softmax.graph is not graph:
                 continue
             try:
                 block = self._match(softmax, shapes)
-            except _Decline as exc:
-                self.decline(RULE, softmax, str(exc))
+            except Decline as exc:
+                self.decline(None, softmax, str(exc))
                 continue
             self._rewrite(model, block)
             count += 1
@@ -286,23 +270,23 @@ class AttentionFusionPass(OptPass):
         attr = softmax.attributes.get("axis")
         axis = attr.value if attr is not None else (-1 if opset >= 13 else 1)
         if rank is None:
-            raise _Decline("the rank of the softmax input is unknown")
+            raise Decline("the rank of the softmax input is unknown")
         if rank != 4:
-            raise _Decline(f"softmax input has rank {rank}, not 4 (batch, heads, q, k)")
+            raise Decline(f"softmax input has rank {rank}, not 4 (batch, heads, q, k)")
         if axis % rank != rank - 1:
-            raise _Decline(f"softmax over axis {axis}, not the last axis")
+            raise Decline(f"softmax over axis {axis}, not the last axis")
         nodes: list[ir.Node] = [softmax]
         dtype = _dtype(softmax.inputs[0])
         if dtype != ir.DataType.FLOAT:
             # The fused kernels exist for float32 on every onnxruntime target (float16 only on cuda).
-            raise _Decline(f"the scores are {dtype.name if dtype is not None else 'of unknown type'}, not float32")
+            raise Decline(f"the scores are {dtype.name if dtype is not None else 'of unknown type'}, not float32")
 
         # After the softmax: optional float32 Cast, optional NaN guard, then probs @ V.
         probs = softmax.outputs[0]
         ctx_mm = None
         for _ in range(4):
             uses = [u.node for u in probs.uses()]
-            if len(uses) == 1 and _std(uses[0], "Cast") and _is_float32_cast(uses[0]):
+            if len(uses) == 1 and lib.standard(uses[0], "Cast") and _is_float32_cast(uses[0]):
                 nodes.append(uses[0])
                 probs = uses[0].outputs[0]
                 continue
@@ -311,11 +295,11 @@ class AttentionFusionPass(OptPass):
                 nodes.extend(guard)
                 probs = guard[-1].outputs[0]
                 continue
-            if len(uses) == 1 and _std(uses[0], "MatMul") and uses[0].inputs[0] is probs:
+            if len(uses) == 1 and lib.standard(uses[0], "MatMul") and uses[0].inputs[0] is probs:
                 ctx_mm = uses[0]
             break
         if ctx_mm is None:
-            raise _Decline("the softmax output does not feed a single MatMul with V")
+            raise Decline("the softmax output does not feed a single MatMul with V")
         nodes.append(ctx_mm)
 
         scores_mm, score_scale, terms, score_nodes = self._scores(softmax.inputs[0])
@@ -331,27 +315,27 @@ class AttentionFusionPass(OptPass):
         k_layout = self._replay(k4, k_chain, shapes, "key")
         v_layout = self._replay(v4, v_chain, shapes, "value")
         if not q_layout.same([("b",), ("h",), ("s",), ("d",)]):
-            raise _Decline(f"query reaches the scores as {q_layout.describe()}, not [b, h, s, d]")
+            raise Decline(f"query reaches the scores as {q_layout.describe()}, not [b, h, s, d]")
         if not k_layout.same([("b",), ("h",), ("d",), ("s",)]):
-            raise _Decline(f"key reaches the scores as {k_layout.describe()}, not [b, h, d, s] (K transposed)")
+            raise Decline(f"key reaches the scores as {k_layout.describe()}, not [b, h, d, s] (K transposed)")
         if not v_layout.same([("b",), ("h",), ("s",), ("d",)]):
-            raise _Decline(f"value reaches the context MatMul as {v_layout.describe()}, not [b, h, s, d]")
+            raise Decline(f"value reaches the context MatMul as {v_layout.describe()}, not [b, h, s, d]")
         heads, head_size = q_layout.head_dims()
         k_heads, k_head_size = k_layout.head_dims()
         v_heads, v_head_size = v_layout.head_dims()
         if not (heads == k_heads == v_heads):
-            raise _Decline(f"heads inconsistent: query {heads}, key {k_heads}, value {v_heads}")
+            raise Decline(f"heads inconsistent: query {heads}, key {k_heads}, value {v_heads}")
         if head_size != k_head_size:
-            raise _Decline(f"query head size {head_size} != key head size {k_head_size}")
+            raise Decline(f"query head size {head_size} != key head size {k_head_size}")
         if not (heads.is_int and head_size.is_int and v_head_size.is_int):
-            raise _Decline("the number of heads or the head size is not a constant")
+            raise Decline("the number of heads or the head size is not a constant")
         heads, head_size, v_head_size = int(heads), int(head_size), int(v_head_size)
         batch, q_len = q_layout.sizes["b"], q_layout.sizes["s"]
         if k_layout.sizes["b"] != batch or v_layout.sizes["b"] != batch:
-            raise _Decline("query, key and value are not proven to have the same batch")
+            raise Decline("query, key and value are not proven to have the same batch")
         kv_len = k_layout.sizes["s"]
         if v_layout.sizes["s"] != kv_len:
-            raise _Decline("key and value are not proven to have the same length")
+            raise Decline("key and value are not proven to have the same length")
 
         # Back to (batch, seq, heads * head size).
         out, out_chain, flat = self._walk_out(ctx_mm.outputs[0], batch, q_len, heads, v_head_size, shapes)
@@ -360,7 +344,7 @@ class AttentionFusionPass(OptPass):
         scale = score_scale * q_scale * k_scale
         expected = 1.0 / math.sqrt(head_size)
         if not math.isclose(scale, expected, rel_tol=SCALE_RTOL):
-            raise _Decline(f"scale {scale:.6g} != 1/sqrt({head_size}) = {expected:.6g}")
+            raise Decline(f"scale {scale:.6g} != 1/sqrt({head_size}) = {expected:.6g}")
 
         mask = self._analyze_mask(terms, shapes, batch, q_len, kv_len, heads) if terms else None
 
@@ -372,7 +356,7 @@ class AttentionFusionPass(OptPass):
         if projections is None:
             for name, value in (("query", q4), ("key", k4), ("value", v4)):
                 if shapes.rank(value) != 3:
-                    raise _Decline(f"the {name} input of the block is not a 3-D (batch, seq, hidden) tensor")
+                    raise Decline(f"the {name} input of the block is not a 3-D (batch, seq, hidden) tensor")
         self._check_exclusive(block)
         return block
 
@@ -383,10 +367,10 @@ class AttentionFusionPass(OptPass):
             try:
                 self._masks[key] = analyze(terms, shapes, batch, q_len, kv_len, heads)
             except MaskError as exc:
-                self._masks[key] = _Decline(str(exc))
+                self._masks[key] = Decline(str(exc))
         result = self._masks[key]
-        if isinstance(result, _Decline):
-            raise _Decline(str(result))
+        if isinstance(result, Decline):
+            raise Decline(str(result))
         return result
 
     @staticmethod
@@ -394,8 +378,8 @@ class AttentionFusionPass(OptPass):
         """Where(IsNaN(p), 0, p), the NaN guard SDPA exports put after the softmax."""
         if len(uses) != 2:
             return None
-        isnan = next((n for n in uses if _std(n, "IsNaN")), None)
-        where = next((n for n in uses if _std(n, "Where")), None)
+        isnan = next((n for n in uses if lib.standard(n, "IsNaN")), None)
+        where = next((n for n in uses if lib.standard(n, "Where")), None)
         if isnan is None or where is None:
             return None
         zero = _constant(where.inputs[1])
@@ -423,12 +407,12 @@ class AttentionFusionPass(OptPass):
             op = node.op_type
             if op == "MatMul":
                 if any(_constant(v) is not None for v in node.inputs):
-                    raise _Decline("the scores MatMul has a constant operand")
+                    raise Decline("the scores MatMul has a constant operand")
                 return node, factor, terms, nodes
             if op in ("Mul", "Div"):
                 c = _scalar(node.inputs[1]) if op == "Div" else (_scalar(node.inputs[0]) or _scalar(node.inputs[1]))
                 if c is None or c == 0.0:
-                    raise _Decline(f"the scores are scaled by a {op} with a non-scalar or non-constant factor")
+                    raise Decline(f"the scores are scaled by a {op} with a non-scalar or non-constant factor")
                 if op == "Mul" and _scalar(node.inputs[0]) is not None and _scalar(node.inputs[1]) is None:
                     data = node.inputs[1]
                 else:
@@ -441,9 +425,9 @@ class AttentionFusionPass(OptPass):
             if op == "Add":
                 sides = [_leads_to_scores(v) for v in node.inputs]
                 if sides.count(True) != 1:
-                    raise _Decline("cannot tell the scores from the mask in the Add before the softmax")
+                    raise Decline("cannot tell the scores from the mask in the Add before the softmax")
                 if scaled:
-                    raise _Decline("the mask is added before the scores are scaled")
+                    raise Decline("the mask is added before the scores are scaled")
                 scores, mask = (node.inputs[0], node.inputs[1]) if sides[0] else (node.inputs[1], node.inputs[0])
                 terms.append(MaskTerm(mask))
                 nodes.append(node)
@@ -453,7 +437,7 @@ class AttentionFusionPass(OptPass):
                 cond, a, b = node.inputs
                 fill_b, fill_a = _scalar(b), _scalar(a)
                 if scaled:
-                    raise _Decline("the mask is applied before the scores are scaled")
+                    raise Decline("the mask is applied before the scores are scaled")
                 if fill_b is not None and fill_a is None:
                     terms.append(MaskTerm(cond, fill=fill_b, keep_when=True))
                     value = a
@@ -461,15 +445,15 @@ class AttentionFusionPass(OptPass):
                     terms.append(MaskTerm(cond, fill=fill_a, keep_when=False))
                     value = b
                 else:
-                    raise _Decline("the Where before the softmax does not select between scores and a constant")
+                    raise Decline("the Where before the softmax does not select between scores and a constant")
                 nodes.append(node)
                 continue
             if op == "Cast" and _is_float32_cast(node):
                 nodes.append(node)
                 value = node.inputs[0]
                 continue
-            raise _Decline(f"the softmax input is computed by {op}, not from Q @ K^T, a scale and a mask")
-        raise _Decline("the softmax input is not computed from a MatMul of Q and K^T")
+            raise Decline(f"the softmax input is computed by {op}, not from Q @ K^T, a scale and a mask")
+        raise Decline("the softmax input is not computed from a MatMul of Q and K^T")
 
     @staticmethod
     def _walk_back(value: ir.Value, *, allow_scale: bool):
@@ -478,11 +462,11 @@ class AttentionFusionPass(OptPass):
         factor = 1.0
         for _ in range(16):
             node = value.producer()
-            if _std(node, "Transpose", "Reshape"):
+            if lib.standard(node, "Transpose", "Reshape"):
                 chain.append(node)
                 value = node.inputs[0]
                 continue
-            if allow_scale and _std(node, "Mul", "Div"):
+            if allow_scale and lib.standard(node, "Mul", "Div"):
                 c = _scalar(node.inputs[1])
                 data = node.inputs[0]
                 if c is None and node.op_type == "Mul":
@@ -500,9 +484,9 @@ class AttentionFusionPass(OptPass):
         dims = shapes.dims(start)
         if dims is None or len(dims) != 3:
             rank = None if dims is None else len(dims)
-            raise _Decline(f"the {what} projection is not a (batch, seq, hidden) tensor (rank {rank})")
+            raise Decline(f"the {what} projection is not a (batch, seq, hidden) tensor (rank {rank})")
         if not dims[2].is_int:
-            raise _Decline(f"the {what} hidden size is not a constant")
+            raise Decline(f"the {what} hidden size is not a constant")
         layout = _Layout([("b",), ("s",), ("n",)], {"b": dims[0], "s": dims[1], "n": dims[2]})
         for node in chain:
             if node.op_type == "Transpose":
@@ -511,8 +495,8 @@ class AttentionFusionPass(OptPass):
             elif node.op_type == "Reshape":
                 try:
                     layout = layout.reshape(shapes.dims(node.outputs[0]) or ())
-                except _Decline as exc:
-                    raise _Decline(f"{what}: {exc}") from None
+                except Decline as exc:
+                    raise Decline(f"{what}: {exc}") from None
         return layout
 
     def _walk_out(self, ctx: ir.Value, batch, q_len, heads, v_head_size, shapes):
@@ -529,8 +513,8 @@ class AttentionFusionPass(OptPass):
             if chain and layout.normalized() in targets:
                 return value, chain, targets[layout.normalized()]
             # Shape reads of the context do not need it materialized.
-            uses = [u.node for u in value.uses() if not _std(u.node, "Shape")]
-            if len(uses) != 1 or value.is_graph_output() or not _std(uses[0], "Transpose", "Reshape") or uses[0].inputs[0] is not value:
+            uses = [u.node for u in value.uses() if not lib.standard(u.node, "Shape")]
+            if len(uses) != 1 or value.is_graph_output() or not lib.standard(uses[0], "Transpose", "Reshape") or uses[0].inputs[0] is not value:
                 break
             node = uses[0]
             if node.op_type == "Transpose":
@@ -540,14 +524,14 @@ class AttentionFusionPass(OptPass):
                 layout = layout.reshape(shapes.dims(node.outputs[0]) or ())
             chain.append(node)
             value = node.outputs[0]
-        raise _Decline(f"the attention context is not brought back to [b, s, h*d] (got {layout.describe()})")
+        raise Decline(f"the attention context is not brought back to [b, s, h*d] (got {layout.describe()})")
 
     # -- projections -------------------------------------------------------------------------
     def _projections(self, q, k, v, shapes, batch, q_len):
         """The three projections when they fit Attention's contract, else None (MultiHeadAttention)."""
         try:
             found = [self._projection(value, shapes) for value in (q, k, v)]
-        except _Decline:
+        except Decline:
             return None
         if not (found[0].x is found[1].x is found[2].x):
             return None  # cross-attention: key and value come from another input
@@ -558,7 +542,7 @@ class AttentionFusionPass(OptPass):
 
     def _projection(self, value: ir.Value, shapes: SymbolicShapes) -> _Projection:
         node = value.producer()
-        if _std(node, "Split"):
+        if lib.standard(node, "Split"):
             return self._split_projection(node, value, shapes)
         return self._dense(value, shapes)
 
@@ -567,28 +551,28 @@ class AttentionFusionPass(OptPass):
         node = value.producer()
         bias = bias_value = None
         nodes = []
-        if _std(node, "Add"):
+        if lib.standard(node, "Add"):
             consts = [_constant(v) for v in node.inputs]
             idx = 0 if consts[0] is not None else 1
             if consts[idx] is None or consts[1 - idx] is not None:
-                raise _Decline("the projection's Add has no constant bias")
+                raise Decline("the projection's Add has no constant bias")
             bias, bias_value = consts[idx], node.inputs[idx]
             if bias.ndim < 1 or any(d != 1 for d in bias.shape[:-1]):
-                raise _Decline("the projection bias is not a vector over the hidden axis")
+                raise Decline("the projection bias is not a vector over the hidden axis")
             bias = bias.reshape(-1)
             nodes.append(node)
             value = node.inputs[1 - idx]
             node = value.producer()
             if len(value.uses()) != 1:
-                raise _Decline("the projection MatMul has other uses")
-        if _std(node, "MatMul"):
+                raise Decline("the projection MatMul has other uses")
+        if lib.standard(node, "MatMul"):
             x, w_value = node.inputs
             weight = _constant(w_value)
             if weight is None:
-                raise _Decline("a projection weight is not a constant")
+                raise Decline("a projection weight is not a constant")
             nodes.append(node)
             stored = True
-        elif _std(node, "Reshape") and _std(node.inputs[0].producer(), "Gemm"):
+        elif lib.standard(node, "Reshape") and lib.standard(node.inputs[0].producer(), "Gemm"):
             x, weight, w_value, gemm_bias, gemm_bias_value, more = self._gemm(node, shapes)
             stored = w_value is not None
             nodes.extend(more)
@@ -600,7 +584,7 @@ class AttentionFusionPass(OptPass):
                     bias_value = gemm_bias_value
                 bias = gemm_bias
         else:
-            raise _Decline("a projection is not a MatMul with constant weights")
+            raise Decline("a projection is not a MatMul with constant weights")
         # Reuse only initializers themselves (not Identity outputs) and only when they hold exactly
         # the packed matrix and vector.
         stored = stored and w_value.producer() is None
@@ -610,37 +594,37 @@ class AttentionFusionPass(OptPass):
         else:
             exact = None
         if weight.ndim != 2 or weight.dtype != np.float32:
-            raise _Decline(f"a projection weight is {weight.ndim}-D {weight.dtype}, not 2-D float32")
+            raise Decline(f"a projection weight is {weight.ndim}-D {weight.dtype}, not 2-D float32")
         if bias is not None and (bias.shape[0] != weight.shape[1] or bias.dtype != np.float32):
-            raise _Decline("a projection bias does not match its weight")
+            raise Decline("a projection bias does not match its weight")
         return _Projection(x, weight, bias, w_value, bias_value, nodes[::-1], exact=exact)
 
     def _gemm(self, outer: ir.Node, shapes: SymbolicShapes):
         """Reshape(Gemm(Reshape(X, [B*S, Nin]), W, C), [B, S, N]) as transformers' Conv1D exports it."""
         gemm = outer.inputs[0].producer()
         inner = gemm.inputs[0].producer()
-        if not _std(inner, "Reshape") or len(gemm.outputs[0].uses()) != 1 or len(inner.outputs[0].uses()) != 1:
-            raise _Decline("a projection Gemm is not between two reshapes")
+        if not lib.standard(inner, "Reshape") or len(gemm.outputs[0].uses()) != 1 or len(inner.outputs[0].uses()) != 1:
+            raise Decline("a projection Gemm is not between two reshapes")
         attrs = {k: a.value for k, a in gemm.attributes.items()}
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            raise _Decline("a projection Gemm has transA, alpha or beta")
+            raise Decline("a projection Gemm has transA, alpha or beta")
         weight = _constant(gemm.inputs[1])
         if weight is None or weight.ndim != 2:
-            raise _Decline("a projection weight is not a constant")
+            raise Decline("a projection weight is not a constant")
         if attrs.get("transB", 0):
             weight = weight.T
         bias = None
         if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
             bias = _constant(gemm.inputs[2])
             if bias is None or bias.size not in (1, weight.shape[1]):
-                raise _Decline("a projection Gemm bias is not a constant vector")
+                raise Decline("a projection Gemm bias is not a constant vector")
             bias = np.broadcast_to(bias.reshape(-1), (weight.shape[1],)).copy()
         x = inner.inputs[0]
         x_dims, flat, out_dims = shapes.dims(x), shapes.dims(inner.outputs[0]), shapes.dims(outer.outputs[0])
         if x_dims is None or len(x_dims) != 3 or flat is None or out_dims is None:
-            raise _Decline("the shapes around a projection Gemm are unknown")
+            raise Decline("the shapes around a projection Gemm are unknown")
         if flat != (x_dims[0] * x_dims[1], x_dims[2]) or out_dims != (x_dims[0], x_dims[1], Dim(weight.shape[1])):
-            raise _Decline("the reshapes around a projection Gemm do not flatten and restore (batch, seq)")
+            raise Decline("the reshapes around a projection Gemm do not flatten and restore (batch, seq)")
         bias_value = gemm.inputs[2] if bias is not None else None
         # A transposed weight is not the packed matrix as stored.
         w_value = None if attrs.get("transB", 0) else gemm.inputs[1]
@@ -652,7 +636,7 @@ class AttentionFusionPass(OptPass):
         attr = split.attributes.get("axis")
         axis = attr.value if attr is not None else 0
         if rank is None or axis % rank != rank - 1:
-            raise _Decline("a packed projection is not split on its last axis")
+            raise Decline("a packed projection is not split on its last axis")
         packed = self._dense(packed_value, shapes)
         width = packed.weight.shape[1]
         sizes = split.attributes.get("split")
@@ -660,15 +644,15 @@ class AttentionFusionPass(OptPass):
         if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
             array = _constant(split.inputs[1])
             if array is None:
-                raise _Decline("the packed projection's split sizes are not constant")
+                raise Decline("the packed projection's split sizes are not constant")
             sizes = [int(s) for s in array.reshape(-1)]
         if sizes is None:
             n = len(split.outputs)
             if width % n:
-                raise _Decline("the packed projection does not split evenly")
+                raise Decline("the packed projection does not split evenly")
             sizes = [width // n] * n
         if sum(sizes) != width:
-            raise _Decline("the split sizes do not cover the packed projection")
+            raise Decline("the split sizes do not cover the packed projection")
         index = list(split.outputs).index(value)
         offset = sum(sizes[:index])
         bias = packed.bias[offset : offset + sizes[index]] if packed.bias is not None else None
@@ -693,10 +677,10 @@ class AttentionFusionPass(OptPass):
                 if value is block.out:
                     continue
                 if value.is_graph_output():
-                    raise _Decline(f"{value.name!r} inside the attention block is a graph output")
+                    raise Decline(f"{value.name!r} inside the attention block is a graph output")
                 for use in value.uses():
-                    if use.node not in inside and not _std(use.node, "Shape"):
-                        raise _Decline(f"{value.name!r} inside the attention block is also used by {use.node.op_type} "
+                    if use.node not in inside and not lib.standard(use.node, "Shape"):
+                        raise Decline(f"{value.name!r} inside the attention block is also used by {use.node.op_type} "
                                        f"{use.node.name!r}")
 
     # -- rewriting ---------------------------------------------------------------------------
@@ -736,7 +720,7 @@ class AttentionFusionPass(OptPass):
         graph.insert_before(anchor, new_nodes)
         old = block.out
         old.replace_all_uses_with(result, replace_graph_outputs=True)
-        _remove_dead(graph, anchor)
+        lib.remove_dead(graph, anchor)
         result.name, result.type, result.shape = old.name, old.type, old.shape
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -780,20 +764,3 @@ def _attr(name: str, value) -> ir.Attr:
     if isinstance(value, float):
         return ir.AttrFloat32(name, value)
     return ir.AttrInt64s(name, [int(v) for v in value])
-
-
-def _remove_dead(graph: ir.Graph, start: ir.Node) -> None:
-    """Remove `start` and, transitively, producers left without uses."""
-    stack = [start]
-    while stack:
-        node = stack.pop()
-        if node.graph is not graph:
-            continue
-        if any(v.uses() or v.is_graph_output() for v in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        for v in inputs:
-            producer = v.producer()
-            if producer is not None and producer.graph is graph:
-                stack.append(producer)

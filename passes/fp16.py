@@ -46,7 +46,7 @@ from onnxopt.passes.base import OptPass
 from onnxopt.passes.registry import register
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+FP16_MAX = fp16_support.FP16_MAX
 # Smallest positive float16 (subnormal): nonzero magnitudes below half of it round to 0.
 FP16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 LARGE_CONSTANT = 64  # elements; above this a fp32-only constant is still stored in fp16
@@ -56,20 +56,13 @@ MAX_SWEEPS = 20
 DONE_KEY = "onnxopt.fp16"
 
 
-def to_fp16_array(arr: np.ndarray) -> np.ndarray:
-    """float32 -> float16 with finite values clamped to +-65504 (inf and NaN are kept)."""
-    arr = np.asarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr)
-    clamped = np.where(finite, np.clip(arr, -FP16_MAX, FP16_MAX), arr)
-    return clamped.astype(np.float16)
-
-
 def _underflows(arr: np.ndarray) -> bool:
     a = np.abs(np.asarray(arr, dtype=np.float64))
     return bool(np.any((a > 0) & (a < FP16_TINY / 2)))
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
+    # An initializer's value only (not a Constant node's): what this pass stores in float16 itself.
     if value is None or value.is_graph_input() or value.const_value is None:
         return None
     return value.const_value.numpy()
@@ -310,7 +303,7 @@ class Fp16Pass(OptPass):
             if F16 not in wants and size <= LARGE_CONSTANT:
                 continue
             arr = v.const_value.numpy()
-            half = to_fp16_array(arr)
+            half = fp16_support.to_fp16_array(arr)
             self.stats["constants_clamped"] += int(np.any(np.isfinite(arr) & (np.abs(arr) > FP16_MAX)))
             if F32 in wants and size <= LARGE_CONSTANT:
                 # small and read both ways: keep the fp32 tensor, add a fp16 copy for fp16 readers

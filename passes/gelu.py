@@ -38,23 +38,11 @@ import math
 import onnx_ir as ir
 
 from onnxopt.passes._lib import graph as lib
-from onnxopt.passes.base import OptPass
-from onnxopt.passes.layernorm import (
-    MS,
-    Refused,
-    close,
-    ensure_opset,
-    model_opset,
-    need,
-    only_use,
-    other_input,
-    outside_uses,
-    produced_by,
-    replace,
-    scalar,
-    split_constant,
-    standard,
+from onnxopt.passes._lib.graph import (
+    MS, close, ensure_opset, matmul_bias, model_opset, only_use, other_input, outside_uses, produced_by, replace,
+    scalar, split_constant, standard,
 )
+from onnxopt.passes.base import Decline, OptPass, need
 from onnxopt.passes.registry import ORT_TARGETS, register
 
 GELU_OPSET = 20
@@ -221,25 +209,6 @@ def _match_sigmoid(node: ir.Node) -> Gelu:
     return Gelu("sigmoid", x, [scaled, node, use], use.outputs[0], _dtype(alpha_value), alpha)
 
 
-def _bias(x: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
-    """(Add node, MatMul output, bias) when x = MatMul(a, W) + b with b a constant [N] and N the last
-    dimension of W; None otherwise (then no bias is folded)."""
-    add = produced_by(x, "Add")
-    if add is None:
-        return None
-    for mm, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
-        matmul = produced_by(mm, "MatMul")
-        bias = lib.constant_array(b)
-        if matmul is None or bias is None or bias.ndim != 1:
-            continue
-        w = matmul.inputs[1]
-        w_array = lib.constant_array(w)
-        w_shape = w_array.shape if w_array is not None else (w.shape.dims if w.shape is not None else None)
-        if w_shape and len(w_shape) >= 2 and isinstance(w_shape[-1], int) and w_shape[-1] == bias.shape[0]:
-            return add, mm, b
-    return None
-
-
 class _GeluPass(OptPass):
     ort = False
 
@@ -264,8 +233,8 @@ class _GeluPass(OptPass):
                     reason = outside_uses(gelu.nodes, gelu.output)
                     need(reason is None, reason or "")
                     new, nodes = self._fused(gelu, opset)
-                except Refused as refused:
-                    self.decline("gelu", node, str(refused))
+                except Decline as refused:
+                    self.decline(None, node, str(refused))
                     break
                 if new.domain == MS:
                     ensure_opset(model, MS)
@@ -286,28 +255,29 @@ class _GeluPass(OptPass):
         if gelu.kind == "sigmoid":
             attrs = [ir.AttrFloat32("alpha", gelu.alpha)]
             return ir.Node(MS, "QuickGelu", [gelu.x], attributes=attrs, name=f"{base}.QuickGelu"), gelu.nodes
-        bias = _bias(gelu.x)
+        bias = matmul_bias(gelu.x)
         if bias is not None and outside_uses(gelu.nodes + [bias[0]], gelu.output) is None:
-            add, mm, b = bias
+            add, matmul, b = bias
             op = "BiasGelu" if gelu.kind == "erf" else "FastGelu"
-            return ir.Node(MS, op, [mm, b], name=f"{base}.{op}"), gelu.nodes + [add]
+            return ir.Node(MS, op, [matmul.outputs[0], b], name=f"{base}.{op}"), gelu.nodes + [add]
         op = "Gelu" if gelu.kind == "erf" else "FastGelu"
         return ir.Node(MS, op, [gelu.x], name=f"{base}.{op}"), gelu.nodes
 
     def _fold_bias_into_fused(self, model: ir.Model, node: ir.Node) -> bool:
         """Gelu(MatMul + b) -> BiasGelu(MatMul, b) (or FastGelu with bias) for an existing standard
         Gelu (opset >= 20) or a bias-less com.microsoft Gelu / FastGelu."""
-        if node.domain in ("", "ai.onnx") and node.op_type == "Gelu":
+        if standard(node, "Gelu"):
             attr = node.attributes.get("approximate")
             tanh = attr is not None and attr.value == "tanh"
         elif node.domain == MS and node.op_type in ("Gelu", "FastGelu") and len(node.inputs) == 1:
             tanh = node.op_type == "FastGelu"
         else:
             return False
-        bias = _bias(node.inputs[0])
+        bias = matmul_bias(node.inputs[0])
         if bias is None:
             return False
-        add, mm, b = bias
+        add, matmul, b = bias
+        mm = matmul.outputs[0]
         if only_use(add.outputs[0]) is not node or _dtype(b) != ir.DataType.FLOAT:
             return False
         op = "FastGelu" if tanh else "BiasGelu"

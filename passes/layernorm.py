@@ -57,69 +57,20 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._lib import graph as lib
+from onnxopt.passes._lib.graph import (
+    MS, ensure_opset, model_opset, only_use, other_input, outside_uses, produced_by, replace, scalar,
+    standard,
+)
 from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
-from onnxopt.passes.base import OptPass
+from onnxopt.passes.base import Decline, OptPass, need
 from onnxopt.kernels import catalogue
 from onnxopt.passes.registry import register
 
-MS = "com.microsoft"
 LAYER_NORM_OPSET = 17
 RMS_NORM_OPSET = 23
 MAX_EPSILON = 1e-2
 # Element types LayerNormalization/RMSNormalization take with stash_type=1 (float statistics).
 NORM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
-
-
-# -- graph-walking helpers shared with gelu.py and skip_layernorm.py ------------------------------
-def standard(node: ir.Node | None, *ops: str) -> bool:
-    return node is not None and node.domain in ("", "ai.onnx") and node.op_type in ops
-
-
-def produced_by(value: ir.Value | None, *ops: str) -> ir.Node | None:
-    """The node computing `value` if it is one of the standard ops `ops`, else None."""
-    node = value.producer() if value is not None else None
-    return node if standard(node, *ops) else None
-
-
-def only_use(value: ir.Value) -> ir.Node | None:
-    """The single node consuming `value` (None when it has several uses or is a graph output)."""
-    uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0].node
-
-
-def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    """For a binary node with `value` as one operand, the other operand."""
-    a, b = node.inputs[0], node.inputs[1]
-    if a is value:
-        return b
-    return a if b is value else None
-
-
-def scalar(value: ir.Value | None) -> float | None:
-    """The value of a constant holding one element with rank <= 1, else None.
-
-    Rank <= 1 so that broadcasting it cannot change the other operand's shape (for operands of
-    rank >= 1, which every pattern here has: they feed a reduction over the last axis or a MatMul).
-    """
-    array = lib.constant_array(value)
-    if array is None or array.size != 1 or array.ndim > 1 or array.dtype.kind != "f":
-        return None
-    return float(array.reshape(-1)[0])
-
-
-def split_constant(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
-    """(computed operand, constant operand) of a binary node with exactly one constant operand."""
-    a, b = node.inputs[0], node.inputs[1]
-    a_const, b_const = lib.constant_array(a) is not None, lib.constant_array(b) is not None
-    if a_const == b_const:
-        return None, None
-    return (b, a) if a_const else (a, b)
-
-
-def close(got: float | None, want: float, rel: float = 1e-5) -> bool:
-    return got is not None and np.isfinite(got) and abs(got - want) <= rel * abs(want)
 
 
 def reduces_last_axis(node: ir.Node, rank: int | None) -> str | None:
@@ -144,45 +95,22 @@ def reduces_last_axis(node: ir.Node, rank: int | None) -> str | None:
     )
 
 
-def feature_vector(value: ir.Value | None, what: str) -> tuple[np.ndarray | None, str | None]:
-    """A constant [D] (D > 1) vector broadcasting over the last axis only, else (None, why not)."""
-    if value is None:
-        return None, f"{what} is missing"
-    if value.is_graph_input():
-        return None, f"{what} {value.name!r} is a graph input (a caller may override it)"
+def feature_vector(value: ir.Value | None, what: str) -> np.ndarray:
+    """A constant [D] (D > 1) vector broadcasting over the last axis only; raises Decline."""
+    need(value is not None, f"{what} is missing")
+    need(not value.is_graph_input(), f"{what} {value.name!r} is a graph input (a caller may override it)")
     array = lib.constant_array(value)
-    if array is None:
-        return None, f"{what} is computed, not a constant"
-    if array.ndim != 1 or array.shape[0] < 2:
-        return None, f"{what} has shape {list(array.shape)}, not [D] over the last axis"
-    return array, None
+    need(array is not None, f"{what} is computed, not a constant")
+    need(array.ndim == 1 and array.shape[0] >= 2, f"{what} has shape {list(array.shape)}, not [D] over the last axis")
+    return array
 
 
-def outside_uses(nodes: list[ir.Node], final: ir.Value) -> str | None:
-    """None when every value computed by `nodes`, except `final`, is used by `nodes` only."""
-    inside = set(nodes)
-    for node in nodes:
-        for value in node.outputs:
-            if value is final:
-                continue
-            if value.is_graph_output() or any(u.node not in inside for u in value.uses()):
-                return f"intermediate {value.name!r} ({node.op_type}) is also used outside the pattern"
-    return None
-
-
-def replace(graph: ir.Graph, nodes: list[ir.Node], final: ir.Value, new: ir.Node, at: ir.Node) -> None:
-    """Put `new` after `at`, route `final`'s users (graph outputs included) to its first output,
-    and remove `nodes`."""
-    ir.convenience.replace_nodes_and_values(graph, at, nodes, [new], [final], [new.outputs[0]])
-
-
-def ensure_opset(model: ir.Model, domain: str, version: int = 1) -> None:
-    model.graph.opset_imports.setdefault(domain, version)
-    model.opset_imports.setdefault(domain, version)
-
-
-def model_opset(model: ir.Model) -> int:
-    return model.graph.opset_imports.get("", model.opset_imports.get("", 1))
+def is_feature_vector(value: ir.Value | None) -> bool:
+    try:
+        feature_vector(value, "")
+    except Decline:
+        return False
+    return True
 
 
 # -- the match -----------------------------------------------------------------------------------
@@ -199,15 +127,6 @@ class Norm:
     @property
     def last(self) -> ir.Node:
         return self.output.producer()
-
-
-class Refused(Exception):
-    """A candidate refused by a precondition; the message is the reason reported."""
-
-
-def need(condition, reason: str) -> None:
-    if not condition:
-        raise Refused(reason)
 
 
 def _square_of(value: ir.Value, nodes: list[ir.Node]) -> ir.Value | None:
@@ -242,7 +161,7 @@ def is_variance_plus_epsilon(node: ir.Node) -> bool:
 
 
 def match_norm(anchor: ir.Node, rank_of) -> Norm:
-    """Match the normalization around `anchor` (Add(variance, eps)); raise Refused(reason)."""
+    """Match the normalization around `anchor` (Add(variance, eps)); raise Decline(reason)."""
     nodes = [anchor]
     variance = next(
         v for v in anchor.inputs
@@ -302,14 +221,14 @@ def match_norm(anchor: ir.Node, rank_of) -> Norm:
         elif standard(div, "Reciprocal"):
             inverse = div.outputs[0]
         else:
-            raise Refused(f"the square root feeds {div.op_type}, not a division or Reciprocal")
+            raise Decline(f"the square root feeds {div.op_type}, not a division or Reciprocal")
     elif standard(use, "Pow"):
         exponent = scalar(use.inputs[1])
         need(exponent == -0.5, f"Pow(variance + eps, {exponent}) is not an inverse square root")
         nodes.append(use)
         inverse = use.outputs[0]
     else:
-        raise Refused(f"variance + epsilon feeds {use.op_type}, not Sqrt")
+        raise Decline(f"variance + epsilon feeds {use.op_type}, not Sqrt")
 
     gamma = beta = None
     if inverse is not None:
@@ -342,16 +261,14 @@ def match_norm(anchor: ir.Node, rank_of) -> Norm:
         if kind == "layer":
             # A following constant [D] Add is the shift; anything else stays after the fused op.
             shift = only_use(output)
-            if standard(shift, "Add") and feature_vector(other_input(shift, output), "beta")[1] is None:
+            if standard(shift, "Add") and is_feature_vector(other_input(shift, output)):
                 beta = other_input(shift, output)
                 nodes.append(shift)
                 output = shift.outputs[0]
 
-    gamma_array, reason = feature_vector(gamma, "gamma")
-    need(reason is None, reason or "")
+    gamma_array = feature_vector(gamma, "gamma")
     if beta is not None:
-        beta_array, reason = feature_vector(beta, "beta")
-        need(reason is None, reason or "")
+        beta_array = feature_vector(beta, "beta")
         need(beta_array.shape == gamma_array.shape,
               f"beta has shape {list(beta_array.shape)}, gamma {list(gamma_array.shape)}")
     reason = outside_uses(nodes, output)
@@ -404,8 +321,8 @@ class _NormPass(OptPass):
             try:
                 norm = match_norm(anchor, shapes.rank)
                 new = self._fused(norm, opset, shapes)
-            except Refused as refused:
-                self.decline("layernorm", anchor, str(refused))
+            except Decline as refused:
+                self.decline(None, anchor, str(refused))
                 continue
             if new.domain == MS:
                 ensure_opset(model, MS)

@@ -27,57 +27,31 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._lib import graph as lib
-from onnxopt.passes.base import OptPass
+from onnxopt.passes._lib.graph import new_initializer
+from onnxopt.passes.base import Decline, OptPass, need
 from onnxopt.passes.registry import register
 
-RULE = "merge_qkv"
-
-
-def _is_matmul(node: ir.Node) -> bool:
-    return node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
-
-
 def _bias(node: ir.Node, width: int, dtype) -> tuple[ir.Node, np.ndarray, ir.Value] | None:
-    """The Add that adds a constant [width] vector to the MatMul's output, if it is its only user."""
-    y = node.outputs[0]
-    uses = y.uses()
-    if len(uses) != 1 or y.is_graph_output():
+    """(Add, bias array, bias value) when the MatMul's only user adds a constant [width] vector."""
+    add = lib.only_use(node.outputs[0])
+    found = lib.matmul_bias(add.outputs[0], width) if lib.standard(add, "Add") else None
+    if found is None or found[1] is not node:
         return None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    other = add.inputs[1 - uses[0].idx]
-    if other is y:
-        return None
-    bias = lib.constant_array(other)
-    if bias is None or bias.shape != (width,) or bias.dtype != dtype:
-        return None
-    return add, bias, other
+    bias = lib.constant_array(found[2])
+    return (add, bias, found[2]) if bias.dtype == dtype else None
 
 
-def new_initializer(graph: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
-    """An initializer holding `array`, named `base` (or `base.N` if taken).
-
-    An existing initializer with the same dtype, shape and bytes is reused instead: -O1 stores
-    equal initializers once, and a second compile must find nothing left to deduplicate.
-    """
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if (
-            tensor is not None
-            and not value.is_graph_input()
-            and tuple(tensor.shape) == array.shape
-            and tensor.dtype.numpy() == array.dtype
-            and np.array_equal(tensor.numpy(), array)
-        ):
-            return value
-    name, i = base, 1
-    while name in graph.initializers:
-        name, i = f"{base}.{i}", i + 1
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
+def _weight(node: ir.Node, x: ir.Value) -> np.ndarray:
+    """The constant 2-D float weight of a MatMul whose left operand is the shared `x`; raises Decline."""
+    need(node.inputs[0] is x, f"{x.name!r} is this MatMul's right operand, not the shared left one")
+    w_value = node.inputs[1]
+    need(w_value is None or not w_value.is_graph_input(),
+         f"weight {getattr(w_value, 'name', None)!r} is a graph input (overridable), not a constant")
+    weight = lib.constant_array(w_value)
+    need(weight is not None, f"weight {getattr(w_value, 'name', None)!r} is not a constant")
+    need(weight.ndim == 2, f"weight {w_value.name!r} is {weight.ndim}-D, not 2-D")
+    need(weight.dtype.kind == "f", f"weight {w_value.name!r} has dtype {weight.dtype}, not floating point")
+    return weight
 
 
 @register("merge_qkv", level=2, stage="fusion", order=60)
@@ -88,7 +62,7 @@ class MergeQKVPass(OptPass):
         graph = model.graph
         shared: dict[ir.Value, list[ir.Node]] = {}
         for node in graph:
-            if _is_matmul(node):
+            if lib.standard(node, "MatMul"):
                 for value in node.inputs:
                     if value is not None and node not in shared.setdefault(value, []):
                         shared[value].append(node)
@@ -102,24 +76,10 @@ class MergeQKVPass(OptPass):
     def _merge(self, graph: ir.Graph, x: ir.Value, users: list[ir.Node]) -> int:
         candidates = []
         for node in users:
-            if node.inputs[0] is not x:
-                self.decline(RULE, node, f"{x.name!r} is this MatMul's right operand, not the shared left one")
-                continue
-            w_value = node.inputs[1]
-            if w_value is not None and w_value.is_graph_input():
-                self.decline(RULE, node, f"weight {w_value.name!r} is a graph input (overridable), not a constant")
-                continue
-            weight = lib.constant_array(w_value)
-            if weight is None:
-                self.decline(RULE, node, f"weight {getattr(w_value, 'name', None)!r} is not a constant")
-                continue
-            if weight.ndim != 2:
-                self.decline(RULE, node, f"weight {w_value.name!r} is {weight.ndim}-D, not 2-D")
-                continue
-            if weight.dtype.kind != "f":
-                self.decline(RULE, node, f"weight {w_value.name!r} has dtype {weight.dtype}, not floating point")
-                continue
-            candidates.append((node, weight))
+            try:
+                candidates.append((node, _weight(node, x)))
+            except Decline as exc:
+                self.decline(None, node, str(exc))
         if len(candidates) < 2:
             return 0
         # The most common (K, dtype) wins; a different one cannot share the input's last axis.
@@ -128,7 +88,7 @@ class MergeQKVPass(OptPass):
         group = []
         for (node, weight), k in zip(candidates, keys):
             if k != key:
-                self.decline(RULE, node, f"weight K={k[0]} ({k[1]}) differs from the other projections' K={key[0]} ({key[1]})")
+                self.decline(None, node, f"weight K={k[0]} ({k[1]}) differs from the other projections' K={key[0]} ({key[1]})")
             else:
                 group.append((node, weight))
         if len(group) < 2:
@@ -136,7 +96,7 @@ class MergeQKVPass(OptPass):
         opset = graph.opset_imports.get("", 1)
         if opset < 11 and (x.shape is None or x.shape.rank() is None):
             for node, _ in group:
-                self.decline(RULE, node, f"opset {opset} Split needs a non-negative axis and the input's rank is unknown")
+                self.decline(None, node, f"opset {opset} Split needs a non-negative axis and the input's rank is unknown")
             return 0
         self._rewrite(graph, x, group, opset)
         return 1

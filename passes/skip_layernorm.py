@@ -31,10 +31,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._lib import graph as lib
 from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
 from onnxopt.passes.base import OptPass
-from onnxopt.passes.layernorm import MS, ensure_opset, produced_by
+from onnxopt.passes._lib.graph import MS, ensure_opset, matmul_bias, produced_by
 from onnxopt.kernels import catalogue
 from onnxopt.passes.registry import register
 
@@ -87,19 +86,10 @@ def _length(value: ir.Value, shapes: SymbolicShapes):
 def _foldable_bias(operand: ir.Value, d: int) -> ir.Node | None:
     """The Add computing `operand` = MatMul(h, W) + c with c a constant [d], W with d columns, and
     `operand` used once (by the residual Add)."""
-    add = produced_by(operand, "Add")
-    if add is None or len(operand.uses()) != 1 or operand.is_graph_output():
+    found = matmul_bias(operand, width=d)
+    if found is None or len(operand.uses()) != 1 or operand.is_graph_output():
         return None
-    for mm, c in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
-        matmul = produced_by(mm, "MatMul")
-        bias = lib.constant_array(c)
-        if matmul is None or bias is None or bias.shape != (d,):
-            continue
-        w = lib.constant_array(matmul.inputs[1])
-        w_shape = w.shape if w is not None else (matmul.inputs[1].shape.dims if matmul.inputs[1].shape else None)
-        if w_shape and len(w_shape) >= 2 and w_shape[-1] == d:
-            return add
-    return None
+    return found[0]
 
 
 # Only where the fused kernel is faster than the unfused form: not onnxruntime's CPU EP (see the

@@ -18,7 +18,8 @@ import onnxopt
 from onnxopt import verify
 from onnxopt.bench import fp16_bench, zoo
 from onnxopt.kernels import fp16_support
-from onnxopt.passes.fp16 import Fp16Pass, to_fp16_array
+from onnxopt.kernels.fp16_support import to_fp16_array
+from onnxopt.passes.fp16 import Fp16Pass
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 

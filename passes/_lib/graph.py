@@ -126,13 +126,13 @@ def constant_array(value: ir.Value | None, *, through_identity: bool = False) ->
     return None if tensor is None else tensor.numpy()
 
 
-def scalar(value: ir.Value | None, *, through_identity: bool = False, max_rank: int = 1) -> float | None:
-    """The float value of a constant holding one element of rank <= `max_rank`, else None.
+def scalar(value: ir.Value | None, *, through_identity: bool = False, max_rank: int | None = 1) -> float | None:
+    """The float value of a constant holding one element of rank <= `max_rank` (None: any), else None.
 
     Rank <= 1 by default so that broadcasting it cannot change the other operand's shape (for
     operands of rank >= 1, which every pattern here has)."""
     array = constant_array(value, through_identity=through_identity)
-    if array is None or array.size != 1 or array.ndim > max_rank or array.dtype.kind != "f":
+    if array is None or array.size != 1 or (max_rank is not None and array.ndim > max_rank) or array.dtype.kind != "f":
         return None
     return float(array.reshape(-1)[0])
 

@@ -1,0 +1,112 @@
+"""House rules that keep the code easy to live in (issue 12): the import direction, no pass importing
+another pass, and every pass reporting its declines under its own name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import onnxopt
+from oracle import declined, parse
+
+ROOT = Path(__file__).parent.parent
+# package folder -> the onnxopt subpackages it may import
+ALLOWED = {
+    "kernels": {"kernels"},
+    "passes": {"kernels", "passes"},
+    "compiler": {"kernels", "passes", "compiler"},
+    "bench": {"kernels", "passes", "compiler", "bench"},
+}
+SUBPACKAGE = {"onnxopt.kernels": "kernels", "onnxopt.passes": "passes", "onnxopt.bench": "bench"}
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """(imported onnxopt module, line) for every import in the file, including lazy ones."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.startswith("onnxopt")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("onnxopt") and node.level == 0:
+            found += [(f"{node.module}.{a.name}", node.lineno) for a in node.names]
+    return found
+
+
+def _package(module: str) -> str:
+    for prefix, folder in SUBPACKAGE.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return folder
+    return "compiler"  # onnxopt itself and onnxopt.<module> live in compiler/
+
+
+def test_imports_go_one_way():
+    """kernels <- passes <- compiler <- bench; the only way into bench/ from the compiler is the
+    CLI's `bench`/`compare` subcommands."""
+    wrong = []
+    for folder, allowed in ALLOWED.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for module, line in _imports(path):
+                target = _package(module)
+                if target in allowed:
+                    continue
+                if path == ROOT / "compiler" / "cli.py" and module == "onnxopt.bench.commands":
+                    continue
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_pass_imports_another_pass():
+    """Shared code lives in passes/_lib (or a pass's own package), never in another pass's module."""
+    from onnxopt.passes import all_passes
+
+    pass_modules = {info.factory.__module__ for info in all_passes()} - {"onnxopt.passes.plugins"}
+    wrong = []
+    for module in sorted(pass_modules):
+        path = ROOT / "passes" / (module.removeprefix("onnxopt.passes.").replace(".", "/") + ".py")
+        if not path.exists():
+            path = path.with_suffix("") / "__init__.py"
+        own_package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
+        for imported, line in _imports(path):
+            other = next((m for m in pass_modules if imported == m or imported.startswith(m + ".")), None)
+            if other is not None and other != module and not other.startswith(own_package + "."):
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports the pass module {other}")
+    assert not wrong, "\n".join(wrong)
+
+
+# A LayerNorm with a negative epsilon and a GELU whose 0.5 is 0.6: each pass declines them, under its name.
+BAD_NORM = """
+<ir_version: 8, opset_import: ["" : 14]>
+agraph (float[2, 4] x) => (float[2, 4] y) <float[4] g = {1, 2, 3, 4}, float[4] bt = {0, 0, 0, 0}, float two = {2.0}, float eps = {-1e-5}> {
+    m = ReduceMean <axes = [-1]> (x)
+    d = Sub(x, m)
+    p = Pow(d, two)
+    v = ReduceMean <axes = [-1]> (p)
+    e = Add(v, eps)
+    s = Sqrt(e)
+    n = Div(d, s)
+    t = Mul(n, g)
+    y = Add(t, bt)
+}
+"""
+BAD_GELU = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[2, 4] x) => (float[2, 4] y) <float sq = {1.4142135}, float one = {1.0}, float half = {0.6}> {
+    d = Div(x, sq)
+    e = Erf(d)
+    a = Add(e, one)
+    m = Mul(x, a)
+    y = Mul(m, half)
+}
+"""
+
+
+@pytest.mark.parametrize("text, name, options", [
+    (BAD_NORM, "layernorm_ort", {"target": "cuda"}),
+    (BAD_GELU, "gelu_ort", {}),
+])
+def test_passes_decline_under_their_own_names(text, name, options):
+    report = onnxopt.compile(parse(text), opt_level=3, verify_outputs=False, **options).report
+    assert declined(report, name), f"{name} declined nothing: {report['passes']}"
+    record = next(p for p in report["passes"] if p["name"] == name)
+    assert {d["rule"] for d in record["declined"]} == {name}
