@@ -35,25 +35,11 @@ class PassInfo:
     targets: frozenset[str] = frozenset(TARGETS)
     # A lossy pass runs only when its flag is given (e.g. "int8"), whatever the level.
     flag: str | None = None
-    # Position within the stage (lower runs first); see ORDER_GUIDE.
+    # A pass that must not run when this flag is given (attention_qkv with "int8").
+    unless: str | None = None
+    # Position within the stage (lower runs first).
     order: int = 50
     doc: str = ""
-
-
-# Order within the "fusion" stage. Patterns that others build on come first: BN and bias folding
-# make the Conv/Gemm shapes, LayerNorm and GELU recognition make the ops that residual + LayerNorm,
-# BiasGelu and attention then match; attention runs before the merged-QKV fallback so that QKV
-# merging only sees the blocks attention declined.
-ORDER_GUIDE = {
-    "fold_pad": 5,
-    "fold_batchnorm": 10,
-    "fold_bias": 20,
-    "layernorm": 30,
-    "gelu": 40,
-    "attention": 50,
-    "merge_qkv": 60,
-    "skip_layernorm": 70,
-}
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -67,6 +53,7 @@ def register(
     targets: Iterable[str] = TARGETS,
     flag: str | None = None,
     order: int = 50,
+    unless: str | None = None,
 ):
     """Class decorator registering a pass (the class is its own factory)."""
     if stage not in STAGES:
@@ -84,6 +71,7 @@ def register(
             targets=frozenset(targets),
             flag=flag,
             order=order,
+            unless=unless,
             doc=doc[0] if doc else "",
         )
         cls.pass_name = name
@@ -129,7 +117,7 @@ def select(
             raise KeyError(f"pass {name!r} does not run for target {target!r} (it runs for: {runs_for})")
     chosen = []
     for info in all_passes():
-        if info.name in disable or target not in info.targets:
+        if info.name in disable or target not in info.targets or (info.unless and info.unless in flags):
             continue
         wanted = info.flag in flags if info.flag else info.level <= level
         if wanted or info.name in enable:

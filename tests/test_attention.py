@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.bench import zoo
-from oracle import assert_rewrite, op_counts, run_ort
+from oracle import declined, assert_rewrite, op_counts, run_ort
 
 ATT = "com.microsoft.Attention"
 MHA = "com.microsoft.MultiHeadAttention"
@@ -97,7 +97,19 @@ def test_fuses_on_the_raw_export_without_other_passes(kw):
     # nodes as the exporter left them).
     path = zoo.build(**kw)
     assert_rewrite("attention", onnx.load(str(path)), zoo.sample_feeds(kw["name"], path), expect_ops={ATT: 2},
-                   expect_fired=True)
+                   expect_fired=True, enable=["attention", "attention_qkv"])
+
+
+def test_stages_core_then_packed_projection():
+    """Stage 1 alone leaves the projections outside a MultiHeadAttention; stage 2 packs them into
+    Attention; with --int8 the second stage is not selected (the projection stays quantizable)."""
+    from onnxopt.passes import registry
+
+    model = _block()
+    core_only = assert_rewrite("attention", model, _feeds(model), expect_ops={MHA: 1, ATT: 0, "MatMul": 4})
+    assert_rewrite("attention_qkv", core_only, _feeds(model), expect_ops={ATT: 1, MHA: 0, "MatMul": 1})
+    names = lambda flags: [i.name for i in registry.select(3, "cpu", flags=flags)]  # noqa: E731
+    assert "attention_qkv" in names(set()) and "attention_qkv" not in names({"int8"})
 
 
 def test_padding_matters_in_the_padded_feeds():
@@ -327,6 +339,8 @@ def test_causal_masks_become_unidirectional(causal, mask):
 def test_projection_weight_input_falls_back_to_multi_head_attention():
     model = _block(weights_as_inputs=True)
     assert_rewrite(3, model, _feeds(model), expect_ops={MHA: 1, ATT: 0}, absent_ops=("Softmax",))
+    report = onnxopt.compile(model, opt_level=3, verify_outputs=False).report
+    assert declined(report, "attention_qkv") == ["a projection weight is not a constant"] * 1
 
 
 def test_cross_attention_becomes_multi_head_attention():

@@ -135,36 +135,37 @@ CASES = {
 }
 
 
-def _attention_case():
-    """One self-attention block (2 heads of 4) -> com.microsoft.Attention with the packed projection."""
+def _attention_cases():
+    """One self-attention block (2 heads of 4): stage 1 makes its core a com.microsoft
+    MultiHeadAttention over the projections; stage 2 packs those into com.microsoft.Attention."""
     rng = np.random.default_rng(0)
     w = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in "qkv"}
     b = {n: rng.standard_normal(8).astype(np.float32) for n in "qkv"}
     consts = ", ".join([f"float[8, 8] w{n} = {_values(w[n])}" for n in "qkv"] +
                        [f"float[8] b{n} = {_values(b[n])}" for n in "qkv"])
-    proj = "\n".join(f"""    {n}0 = MatMul(x, w{n})
-    {n}1 = Add({n}0, b{n})
-    {n}2 = Reshape({n}1, split_heads)
+    sig = "(float[1, 4, 8] x) => (float[1, 4, 8] y)"
+    proj = "\n".join(f"    {n}0 = MatMul(x, w{n})\n    {n}1 = Add({n}0, b{n})" for n in "qkv")
+    heads = "\n".join(f"""    {n}2 = Reshape({n}1, split_heads)
     {n} = Transpose <perm = {'[0, 2, 3, 1]' if n == 'k' else '[0, 2, 1, 3]'}> ({n}2)""" for n in "qkv")
-    before = _model(proj + """
+    before = _model(proj + "\n" + heads + """
     s0 = MatMul(q, k)
     s1 = Div(s0, scale)
     p = Softmax <axis = -1> (s1)
     c0 = MatMul(p, v)
     c1 = Transpose <perm = [0, 2, 1, 3]> (c0)
-    y = Reshape(c1, merge_heads)""", sig="(float[1, 4, 8] x) => (float[1, 4, 8] y)",
-                    inits=consts + ", int64[4] split_heads = {0, 0, 2, 4}, int64[3] merge_heads = {0, 0, 8}, "
-                                   "float scale = {2.0}")
+    y = Reshape(c1, merge_heads)""", sig=sig, inits=consts + ", int64[4] split_heads = {0, 0, 2, 4}, "
+                    "int64[3] merge_heads = {0, 0, 8}, float scale = {2.0}")
+    ms = lambda text: text.replace('["" : 17]', '["" : 17, "com.microsoft" : 1]')  # noqa: E731
+    core = ms(_model(proj + "\n    y = com.microsoft.MultiHeadAttention <num_heads = 2, scale = 0.5> (q1, k1, v1)",
+                     sig=sig, inits=consts))
     packed_w = np.concatenate([w["q"], w["k"], w["v"]], axis=1)
     packed_b = np.concatenate([b["q"], b["k"], b["v"]])
-    expected = _model("    y = com.microsoft.Attention <num_heads = 2, scale = 0.5> (x, w, b)",
-                      sig="(float[1, 4, 8] x) => (float[1, 4, 8] y)",
-                      inits=f"float[8, 24] w = {_values(packed_w)}, float[24] b = {_values(packed_b)}"
-                      ).replace('["" : 17]', '["" : 17, "com.microsoft" : 1]')
-    return before, expected, {}
+    packed = ms(_model("    y = com.microsoft.Attention <num_heads = 2, scale = 0.5> (x, w, b)", sig=sig,
+                       inits=f"float[8, 24] w = {_values(packed_w)}, float[24] b = {_values(packed_b)}"))
+    return {"attention": (before, core, {}), "attention_qkv": (core, packed, {})}
 
 
-CASES["attention"] = _attention_case()
+CASES.update(_attention_cases())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,13 +1,11 @@
-"""Attention fusion (-O3, onnxruntime targets): a whole self-attention block becomes one kernel.
+"""Attention fusion, stage 1 (-O3, onnxruntime targets): the attention core becomes one kernel.
 
-    Q = X Wq + bq,  K = X Wk + bk,  V = X Wv + bv              (or one packed projection + Split)
     out = merge_heads(softmax(scale * split_heads(Q) split_heads(K)^T + mask) split_heads(V))
-        = com.microsoft.Attention(X, [Wq|Wk|Wv], [bq|bk|bv], mask_index,
-                                  num_heads=H, scale=scale, unidirectional=causal)
+        = com.microsoft.MultiHeadAttention(Q, K, V, key_padding_mask=mask_index,
+                                           num_heads=H, scale=scale, unidirectional=causal)
 
-and, where the projections do not fit Attention's contract (no constant-weight projections of one
-shared X: cross-attention, computed weights), the core alone becomes
-`com.microsoft.MultiHeadAttention(Q, K, V, key_padding_mask=mask_index, ...)`.
+for Q, K, V of shape (batch, seq, hidden), whatever computes them; stage 2 (packed.py) then takes
+constant projections of one input into com.microsoft.Attention.
 
 The block is found from each Softmax and walked through uses and producers; every structural
 fact is checked, and a candidate that fails a check is declined with the reason (in the compile
@@ -29,8 +27,7 @@ report), leaving the block to the merged-QKV pass (-O2, runs after this one):
   * after Softmax only a Cast to float32 or the SDPA NaN guard Where(IsNaN(p), 0, p) may
     come before the context MatMul.
   * every intermediate value of the block is used only inside it (Shape reads aside), so the
-    old nodes all die; projection weights are constant float32 2-D tensors, the hidden state is
-    rank 3 with the same (batch, seq) dims as the mask.
+    old nodes all die; Q, K and V are rank 3, with the same (batch, seq) dims as the mask.
 Soundness caveats: the mask input must hold only 0/1 (the attention_mask contract; the kernels
 read "> 0" as "keep"); rows in which every key is masked (an all-zero attention_mask row) have no
 meaningful result in any exporter's graph (eager gives a uniform row, SDPA zeros) and get yet
@@ -51,6 +48,7 @@ from onnxopt.passes._lib import graph as lib
 from onnxopt.passes._lib.graph import new_initializer
 from onnxopt.passes._lib.mask_analysis import MaskError, MaskInfo, MaskTerm, analyze
 from onnxopt.passes._lib.symbolic_shapes import Dim, SymbolicShapes
+from onnxopt.passes.attention.layout import Layout
 from onnxopt.passes.base import Decline, OptPass
 from onnxopt.passes.registry import register
 
@@ -58,92 +56,13 @@ MS_DOMAIN = lib.MS
 SCALE_RTOL = 1e-5
 
 
-# -- layouts: which axes of (batch, seq, heads, head size) a tensor holds, in order -------------
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    # The legacy exporter shares weights through Identity nodes.
+    return lib.constant_array(value, through_identity=True)
 
 
-class _Layout:
-    """A tensor as row-major groups of named atoms (b, s, n -> h, d); sizes symbolic."""
-
-    def __init__(self, groups: list[tuple[str, ...]], sizes: dict[str, Dim]):
-        self.groups = [tuple(g) for g in groups]
-        self.sizes = dict(sizes)
-
-    def transpose(self, perm) -> _Layout:
-        perm = list(range(len(self.groups)))[::-1] if perm is None else list(perm)
-        if sorted(perm) != list(range(len(self.groups))):
-            raise Decline(f"Transpose perm {perm} does not fit rank {len(self.groups)}")
-        return _Layout([self.groups[p] for p in perm], self.sizes)
-
-    def reshape(self, target: tuple) -> _Layout:
-        atoms = [a for g in self.groups for a in g]
-        sizes = dict(self.sizes)
-        groups, i = [], 0
-        for t in target:
-            if t is None:
-                raise Decline("a reshape target dim is unknown")
-            group, prod = [], Dim(1)
-            while prod != t:
-                if i >= len(atoms):
-                    raise Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
-                a = atoms[i]
-                nxt = prod * sizes[a]
-                if t.divide(nxt) is not None:
-                    group.append(a)
-                    prod = nxt
-                    i += 1
-                    continue
-                # Only the hidden axis may be split, once, into (heads, head size).
-                need = t.divide(prod)
-                n = sizes[a]
-                if a == "n" and need is not None and need.is_int and n.is_int and 1 < need.coef < n.coef and n.coef % need.coef == 0:
-                    sizes["h"], sizes["d"] = need, Dim(n.coef // need.coef)
-                    atoms[i : i + 1] = ["h", "d"]
-                    continue
-                raise Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
-            groups.append(tuple(group))
-        if any(sizes[a] != 1 for a in atoms[i:]):
-            raise Decline(f"reshape to {list(target)} does not regroup {self.describe()}")
-        if groups and i < len(atoms):
-            groups[-1] = groups[-1] + tuple(atoms[i:])
-        return _Layout(groups, sizes)
-
-    def normalized(self) -> tuple:
-        return tuple(tuple(a for a in g if self.sizes.get(a) != 1) for g in self.groups)
-
-    def describe(self) -> str:
-        return "[" + ", ".join("*".join(g) or "1" for g in self.groups) + "]"
-
-    def same(self, other_groups: list[tuple[str, ...]]) -> bool:
-        sizes = dict(self.sizes)
-        if "n" in sizes and "h" not in sizes:
-            # The hidden axis was never split: a single head.
-            sizes["h"], sizes["d"] = Dim(1), sizes["n"]
-            mine = _Layout([tuple("d" if a == "n" else a for a in g) for g in self.groups], sizes)
-        else:
-            mine = self
-        return mine.normalized() == _Layout(other_groups, mine.sizes).normalized()
-
-    def head_dims(self) -> tuple[Dim, Dim]:
-        if "h" in self.sizes:
-            return self.sizes["h"], self.sizes["d"]
-        return Dim(1), self.sizes["n"]
-
-
-# -- the block -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Projection:
-    x: ir.Value
-    weight: np.ndarray  # [Nin, N]
-    bias: np.ndarray | None  # [N]
-    weight_value: ir.Value
-    bias_value: ir.Value | None
-    nodes: list[ir.Node]
-    # For a slice of one packed projection: (split node, offset, width, the stored weight and bias
-    # values when they hold exactly the packed [Nin, total] matrix and [total] vector, else None).
-    packed: tuple | None = None
-    exact: tuple | None = None  # (weight value, bias value) when they store weight/bias exactly
+def _scalar(value: ir.Value | None) -> float | None:
+    return lib.scalar(value, through_identity=True, max_rank=None)
 
 
 @dataclasses.dataclass
@@ -159,17 +78,7 @@ class _Block:
     v: ir.Value
     mask: MaskInfo | None
     nodes: list[ir.Node]  # the core, from the Q/K/V chains to `out`
-    projections: tuple[_Projection, _Projection, _Projection] | None
     flat: bool = False  # `out` is (batch * seq, hidden): the fused output is reshaped to it
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    # The legacy exporter shares weights through Identity nodes.
-    return lib.constant_array(value, through_identity=True)
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    return lib.scalar(value, through_identity=True, max_rank=None)
 
 
 def _is_float32_cast(node: ir.Node) -> bool:
@@ -233,16 +142,9 @@ def _leads_to_scores(value: ir.Value) -> bool:
     return False
 
 
-@register("attention", level=3, stage="fusion", targets=catalogue.kernel("Attention").emit_targets, order=50)
-class AttentionFusionPass(OptPass):
-    """Self-attention blocks become com.microsoft Attention (or MultiHeadAttention)."""
-
-    projections_outside = False
-
-    def configure(self, options: dict) -> None:
-        # int8 quantizes MatMuls after fusion, and Attention would hide the Q/K/V projection (three
-        # quarters of the block's FLOPs) inside a float kernel; MultiHeadAttention leaves it outside.
-        self.projections_outside = bool(options.get("int8"))
+@register("attention", level=3, stage="fusion", targets=catalogue.kernel("MultiHeadAttention").emit_targets, order=50)
+class AttentionCorePass(OptPass):
+    """Self-attention cores (scores, mask, softmax, context) become com.microsoft MultiHeadAttention."""
 
     def apply(self, model: ir.Model) -> int:
         graph = model.graph
@@ -348,15 +250,13 @@ class AttentionFusionPass(OptPass):
 
         mask = self._analyze_mask(terms, shapes, batch, q_len, kv_len, heads) if terms else None
 
-        projections = self._projections(q4, k4, v4, shapes, batch, q_len)
         block = _Block(
             softmax=softmax, out=out, heads=heads, head_size=head_size, v_head_size=v_head_size,
-            scale=scale, q=q4, k=k4, v=v4, mask=mask, nodes=nodes, projections=projections, flat=flat,
+            scale=scale, q=q4, k=k4, v=v4, mask=mask, nodes=nodes, flat=flat,
         )
-        if projections is None:
-            for name, value in (("query", q4), ("key", k4), ("value", v4)):
-                if shapes.rank(value) != 3:
-                    raise Decline(f"the {name} input of the block is not a 3-D (batch, seq, hidden) tensor")
+        for name, value in (("query", q4), ("key", k4), ("value", v4)):
+            if shapes.rank(value) != 3:
+                raise Decline(f"the {name} input of the block is not a 3-D (batch, seq, hidden) tensor")
         self._check_exclusive(block)
         return block
 
@@ -480,14 +380,14 @@ class AttentionFusionPass(OptPass):
         return value, chain[::-1], factor
 
     @staticmethod
-    def _replay(start: ir.Value, chain: list[ir.Node], shapes: SymbolicShapes, what: str) -> _Layout:
+    def _replay(start: ir.Value, chain: list[ir.Node], shapes: SymbolicShapes, what: str) -> Layout:
         dims = shapes.dims(start)
         if dims is None or len(dims) != 3:
             rank = None if dims is None else len(dims)
             raise Decline(f"the {what} projection is not a (batch, seq, hidden) tensor (rank {rank})")
         if not dims[2].is_int:
             raise Decline(f"the {what} hidden size is not a constant")
-        layout = _Layout([("b",), ("s",), ("n",)], {"b": dims[0], "s": dims[1], "n": dims[2]})
+        layout = Layout([("b",), ("s",), ("n",)], {"b": dims[0], "s": dims[1], "n": dims[2]})
         for node in chain:
             if node.op_type == "Transpose":
                 perm = node.attributes.get("perm")
@@ -503,10 +403,10 @@ class AttentionFusionPass(OptPass):
         """Forward from the context MatMul through Transpose/Reshape to (batch, seq, H * Dv), or to
         (batch * seq, H * Dv) when the exporter flattens straight for the output projection."""
         sizes = {"b": batch, "s": q_len, "h": Dim(heads), "d": Dim(v_head_size)}
-        layout = _Layout([("b",), ("h",), ("s",), ("d",)], sizes)
+        layout = Layout([("b",), ("h",), ("s",), ("d",)], sizes)
         targets = {
-            _Layout([("b",), ("s",), ("h", "d")], sizes).normalized(): False,
-            _Layout([("b", "s"), ("h", "d")], sizes).normalized(): True,
+            Layout([("b",), ("s",), ("h", "d")], sizes).normalized(): False,
+            Layout([("b", "s"), ("h", "d")], sizes).normalized(): True,
         }
         value, chain = ctx, []
         for _ in range(8):
@@ -526,152 +426,9 @@ class AttentionFusionPass(OptPass):
             value = node.outputs[0]
         raise Decline(f"the attention context is not brought back to [b, s, h*d] (got {layout.describe()})")
 
-    # -- projections -------------------------------------------------------------------------
-    def _projections(self, q, k, v, shapes, batch, q_len):
-        """The three projections when they fit Attention's contract, else None (MultiHeadAttention)."""
-        try:
-            found = [self._projection(value, shapes) for value in (q, k, v)]
-        except Decline:
-            return None
-        if not (found[0].x is found[1].x is found[2].x):
-            return None  # cross-attention: key and value come from another input
-        x_dims = shapes.dims(found[0].x)
-        if x_dims is None or len(x_dims) != 3 or x_dims[0] != batch or x_dims[1] != q_len:
-            return None
-        return tuple(found)
-
-    def _projection(self, value: ir.Value, shapes: SymbolicShapes) -> _Projection:
-        node = value.producer()
-        if lib.standard(node, "Split"):
-            return self._split_projection(node, value, shapes)
-        return self._dense(value, shapes)
-
-    def _dense(self, value: ir.Value, shapes: SymbolicShapes) -> _Projection:
-        """X @ W (+ b) with W a constant 2-D float32 matrix; also the Reshape-Gemm-Reshape form."""
-        node = value.producer()
-        bias = bias_value = None
-        nodes = []
-        if lib.standard(node, "Add"):
-            consts = [_constant(v) for v in node.inputs]
-            idx = 0 if consts[0] is not None else 1
-            if consts[idx] is None or consts[1 - idx] is not None:
-                raise Decline("the projection's Add has no constant bias")
-            bias, bias_value = consts[idx], node.inputs[idx]
-            if bias.ndim < 1 or any(d != 1 for d in bias.shape[:-1]):
-                raise Decline("the projection bias is not a vector over the hidden axis")
-            bias = bias.reshape(-1)
-            nodes.append(node)
-            value = node.inputs[1 - idx]
-            node = value.producer()
-            if len(value.uses()) != 1:
-                raise Decline("the projection MatMul has other uses")
-        if lib.standard(node, "MatMul"):
-            x, w_value = node.inputs
-            weight = _constant(w_value)
-            if weight is None:
-                raise Decline("a projection weight is not a constant")
-            nodes.append(node)
-            stored = True
-        elif lib.standard(node, "Reshape") and lib.standard(node.inputs[0].producer(), "Gemm"):
-            x, weight, w_value, gemm_bias, gemm_bias_value, more = self._gemm(node, shapes)
-            stored = w_value is not None
-            nodes.extend(more)
-            if gemm_bias is not None:
-                if bias is not None:
-                    gemm_bias = gemm_bias + bias
-                    bias_value = None
-                else:
-                    bias_value = gemm_bias_value
-                bias = gemm_bias
-        else:
-            raise Decline("a projection is not a MatMul with constant weights")
-        # Reuse only initializers themselves (not Identity outputs) and only when they hold exactly
-        # the packed matrix and vector.
-        stored = stored and w_value.producer() is None
-        if stored and (bias is None or (bias_value is not None and bias_value.producer() is None
-                                         and _constant(bias_value).shape == bias.shape)):
-            exact = (w_value, bias_value)
-        else:
-            exact = None
-        if weight.ndim != 2 or weight.dtype != np.float32:
-            raise Decline(f"a projection weight is {weight.ndim}-D {weight.dtype}, not 2-D float32")
-        if bias is not None and (bias.shape[0] != weight.shape[1] or bias.dtype != np.float32):
-            raise Decline("a projection bias does not match its weight")
-        return _Projection(x, weight, bias, w_value, bias_value, nodes[::-1], exact=exact)
-
-    def _gemm(self, outer: ir.Node, shapes: SymbolicShapes):
-        """Reshape(Gemm(Reshape(X, [B*S, Nin]), W, C), [B, S, N]) as transformers' Conv1D exports it."""
-        gemm = outer.inputs[0].producer()
-        inner = gemm.inputs[0].producer()
-        if not lib.standard(inner, "Reshape") or len(gemm.outputs[0].uses()) != 1 or len(inner.outputs[0].uses()) != 1:
-            raise Decline("a projection Gemm is not between two reshapes")
-        attrs = {k: a.value for k, a in gemm.attributes.items()}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            raise Decline("a projection Gemm has transA, alpha or beta")
-        weight = _constant(gemm.inputs[1])
-        if weight is None or weight.ndim != 2:
-            raise Decline("a projection weight is not a constant")
-        if attrs.get("transB", 0):
-            weight = weight.T
-        bias = None
-        if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
-            bias = _constant(gemm.inputs[2])
-            if bias is None or bias.size not in (1, weight.shape[1]):
-                raise Decline("a projection Gemm bias is not a constant vector")
-            bias = np.broadcast_to(bias.reshape(-1), (weight.shape[1],)).copy()
-        x = inner.inputs[0]
-        x_dims, flat, out_dims = shapes.dims(x), shapes.dims(inner.outputs[0]), shapes.dims(outer.outputs[0])
-        if x_dims is None or len(x_dims) != 3 or flat is None or out_dims is None:
-            raise Decline("the shapes around a projection Gemm are unknown")
-        if flat != (x_dims[0] * x_dims[1], x_dims[2]) or out_dims != (x_dims[0], x_dims[1], Dim(weight.shape[1])):
-            raise Decline("the reshapes around a projection Gemm do not flatten and restore (batch, seq)")
-        bias_value = gemm.inputs[2] if bias is not None else None
-        # A transposed weight is not the packed matrix as stored.
-        w_value = None if attrs.get("transB", 0) else gemm.inputs[1]
-        return x, weight, w_value, bias, bias_value, [outer, gemm, inner]
-
-    def _split_projection(self, split: ir.Node, value: ir.Value, shapes: SymbolicShapes) -> _Projection:
-        packed_value = split.inputs[0]
-        rank = shapes.rank(packed_value)
-        attr = split.attributes.get("axis")
-        axis = attr.value if attr is not None else 0
-        if rank is None or axis % rank != rank - 1:
-            raise Decline("a packed projection is not split on its last axis")
-        packed = self._dense(packed_value, shapes)
-        width = packed.weight.shape[1]
-        sizes = split.attributes.get("split")
-        sizes = list(sizes.value) if sizes is not None else None
-        if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
-            array = _constant(split.inputs[1])
-            if array is None:
-                raise Decline("the packed projection's split sizes are not constant")
-            sizes = [int(s) for s in array.reshape(-1)]
-        if sizes is None:
-            n = len(split.outputs)
-            if width % n:
-                raise Decline("the packed projection does not split evenly")
-            sizes = [width // n] * n
-        if sum(sizes) != width:
-            raise Decline("the split sizes do not cover the packed projection")
-        index = list(split.outputs).index(value)
-        offset = sum(sizes[:index])
-        bias = packed.bias[offset : offset + sizes[index]] if packed.bias is not None else None
-        return _Projection(
-            packed.x,
-            packed.weight[:, offset : offset + sizes[index]],
-            bias,
-            packed.weight_value,
-            packed.bias_value,
-            packed.nodes + [split],
-            packed=(split, offset, sizes[index], width) + (packed.exact or (None, None)),
-        )
-
     # -- uses --------------------------------------------------------------------------------
     def _check_exclusive(self, block: _Block) -> None:
         inside = set(block.nodes)
-        if block.projections is not None:
-            for p in block.projections:
-                inside.update(p.nodes)
         for node in inside:
             for value in node.outputs:
                 if value is block.out:
@@ -695,16 +452,8 @@ class AttentionFusionPass(OptPass):
         if block.mask is not None and (block.mask.input is not None or block.mask.causal):
             attrs["unidirectional"] = int(block.mask.causal)
             attrs["mask_filter_value"] = float(block.mask.filter_value)
-        if block.projections is not None and not self.projections_outside:
-            weight, bias = self._packed(graph, block.projections)
-            widths = [p.weight.shape[1] for p in block.projections]
-            if widths[2] != widths[0]:
-                attrs["qkv_hidden_sizes"] = widths
-            inputs = [block.projections[0].x, weight, bias, mask_index]
-            op = "Attention"
-        else:
-            inputs = [block.q, block.k, block.v, None, mask_index]
-            op = "MultiHeadAttention"
+        inputs = [block.q, block.k, block.v, None, mask_index]
+        op = "MultiHeadAttention"
         while inputs and inputs[-1] is None:
             inputs.pop()
         node = ir.Node(MS_DOMAIN, op, inputs, attributes=[_attr(k, v) for k, v in attrs.items()],
@@ -732,6 +481,7 @@ class AttentionFusionPass(OptPass):
             cast = ir.Node("", "Cast", [mask], attributes=[ir.AttrInt64("to", ir.DataType.INT32)],
                            name=f"{mask.name}.int32", num_outputs=1)
             cast.outputs[0].name = f"{mask.name}.int32"
+            cast.outputs[0].type, cast.outputs[0].shape = ir.TensorType(ir.DataType.INT32), mask.shape
             first = next(iter(graph), None)
             if first is None:
                 graph.append(cast)
@@ -739,23 +489,6 @@ class AttentionFusionPass(OptPass):
                 graph.insert_before(first, cast)
             self._mask_casts[mask] = cast.outputs[0]
         return self._mask_casts[mask]
-
-    def _packed(self, graph: ir.Graph, projections) -> tuple[ir.Value, ir.Value | None]:
-        q, k, v = projections
-        # One packed projection already in q, k, v order: keep its initializers.
-        if q.packed and k.packed and v.packed and q.packed[0] is k.packed[0] is v.packed[0]:
-            split, _, _, total, w_value, b_value = q.packed
-            offsets = [p.packed[1] for p in projections]
-            widths = [p.packed[2] for p in projections]
-            if w_value is not None and offsets == [0, widths[0], widths[0] + widths[1]] and sum(widths) == total:
-                return w_value, b_value
-        weight = np.concatenate([p.weight for p in projections], axis=1)
-        w_value = new_initializer(graph, weight, f"{q.weight_value.name}.qkv")
-        if all(p.bias is None for p in projections):
-            return w_value, None
-        bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.weight.shape[1], np.float32) for p in projections])
-        base = q.bias_value.name if q.bias_value is not None else f"{q.weight_value.name}.bias"
-        return w_value, new_initializer(graph, bias.astype(np.float32), f"{base}.qkv")
 
 
 def _attr(name: str, value) -> ir.Attr:

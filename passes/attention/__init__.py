@@ -1,0 +1,13 @@
+"""Attention fusion in two stages, as two passes (onnxruntime targets, -O3):
+
+1. `attention` (core.py): the attention core found from each Softmax (scores, scale, mask, context,
+   the head split and merge proved through symbolic shapes) becomes com.microsoft.MultiHeadAttention
+   over the projected query, key and value;
+2. `attention_qkv` (packed.py): a MultiHeadAttention whose query, key and value are projections of
+   one input becomes com.microsoft.Attention with the packed [Wq|Wk|Wv] projection
+   (projections.py). It does not run with --int8, which then quantizes the projection MatMuls.
+
+layout.py holds the layout algebra both use. Importing the package registers both passes.
+"""
+
+from onnxopt.passes.attention import core, packed  # noqa: F401
