@@ -9,7 +9,7 @@ own sample, `input_data` / `--input-data FILE.npz`):
   and `DEFAULT_DIM` (16) elsewhere; a symbolic dimension gets the same value wherever its name
   appears; `input_shapes` overrides (the CLI's `--input-shape name:1,128`);
 - when the original cannot run on that, the dynamic dims other than the batch climb `SIZE_LADDER`
-  (images: 224, 320, 640; sequences and audio: 128, 512, 16000) and the first sample it runs on is
+  (images: 224, 320, 640; audio: 128, 512, 16000; other sequences: 128, 512) and the first sample it runs on is
   used (`reference()`); a sample input over `MAX_SAMPLE_BYTES` (2 GiB) is refused;
 - integer inputs that index an embedding table (a Gather on a constant) get values in range; inputs
   whose name says "mask" and shape tensors (Reshape/Expand/Tile/ConstantOfShape) get ones; other
@@ -46,9 +46,12 @@ DEFAULT_DIM = 16
 DEFAULT_TOLERANCE = 1e-4
 _MAGNITUDE_FLOOR = 1e-6
 # Retry sizes for dynamic dims when the original cannot run on DEFAULT_DIM: images (NCHW, H and W)
-# take sizes that are multiples of 32 (detection backbones and feature pyramids downsample by 32),
-# everything else (sequences, audio) lengths that clear attention windows and reflect padding.
-SIZE_LADDER = {"image": (224, 320, 640), "sequence": (128, 512, 16000)}
+# take sizes that are multiples of 32 (detection backbones and feature pyramids downsample by 32);
+# audio (float [T], [B, T] or [B, 1, T]) lengths that clear reflect padding and STFT windows, up to
+# one second at 16 kHz; other sequences (token ids, features) stop at 512: 16000 tokens would make
+# attention scores of gigabytes.
+SIZE_LADDER = {"image": (224, 320, 640), "audio": (128, 512, 16000), "sequence": (128, 512)}
+LADDER_RUNGS = max(len(v) for v in SIZE_LADDER.values())
 # A synthesized input larger than this is refused (a declared 2**40 dim must not become MemoryError).
 MAX_SAMPLE_BYTES = 2 * 1024**3
 # onnxruntime's native log (its own multi-line errors on stderr): fatal only, unless asked.
@@ -92,10 +95,14 @@ def _itemsize(dtype: ir.DataType | None) -> int:
 
 
 def _input_kind(v: ir.Value) -> str:
-    """'image' for an NCHW-like input (rank 4, dynamic H and W), else 'sequence'."""
+    """'image' for an NCHW-like input (rank 4, dynamic H and W), 'audio' for a float waveform
+    ([T], [B, T], [B, 1, T]), else 'sequence'."""
     dims = v.shape.dims if v.shape is not None else ()
     if len(dims) == 4 and is_dynamic(dims[2]) and is_dynamic(dims[3]):
         return "image"
+    floating = v.dtype is not None and v.dtype.is_floating_point()
+    if floating and (len(dims) <= 2 or (len(dims) == 3 and dims[1] == 1)):
+        return "audio"
     return "sequence"
 
 
@@ -104,7 +111,8 @@ def _dim_for(axis: int, kind: str, rung: int) -> int:
         return DEFAULT_BATCH
     if rung == 0 or (kind == "image" and axis == 1):
         return DEFAULT_DIM
-    return SIZE_LADDER[kind][rung - 1]
+    sizes = SIZE_LADDER[kind]
+    return sizes[min(rung, len(sizes)) - 1]
 
 
 def input_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None,
@@ -367,7 +375,7 @@ def reference(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = No
     pinned = set(overrides or {})
     dynamic = [v for v in _true_inputs(model) if v.name not in pinned
                and (v.shape is None or any(is_dynamic(d) for d in v.shape.dims))]
-    rungs = range(len(SIZE_LADDER["sequence"]) + 1) if dynamic else range(1)
+    rungs = range(LADDER_RUNGS + 1) if dynamic else range(1)
     tried: list[dict[str, tuple[int, ...]]] = []
     complaints: list[str] = []
     for rung in rungs:
@@ -378,7 +386,7 @@ def reference(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = No
                 raise
             break  # the ladder's larger sizes would exceed the sample size limit
         if shapes in tried:
-            continue
+            continue  # a kind whose ladder is shorter stays at its last size
         feeds = synthesize_feeds(model, overrides, rung=rung)
         try:
             outputs = _run_session(sess, feeds)

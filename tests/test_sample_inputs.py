@@ -277,3 +277,12 @@ def test_error_beyond_the_noise_floor_fails_and_suggests_a_tolerance(monkeypatch
     with pytest.raises(onnxopt.CompileError, match=r"relative error 0\.000\d+ > tolerance 0\.0001 \(the "
                        r"original's own rounding noise is 1e-06; --tolerance 0\.0002 would accept it\)"):
         onnxopt.compile(_cancelling_conv_bn(), opt_level=2)
+
+
+def test_ladder_sizes_by_input_kind():
+    model = load.load(_parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, 3, H, W] img, float[B, T] wav, int64[B, S] ids) => (float[B, 3, H, W] y) { y = Relu(img) }"""))
+    ladder = [verify.input_shapes(model, rung=r) for r in range(verify.LADDER_RUNGS + 1)]
+    assert [s["img"] for s in ladder] == [(1, 3, 16, 16), (1, 3, 224, 224), (1, 3, 320, 320), (1, 3, 640, 640)]
+    assert [s["wav"][1] for s in ladder] == [16, 128, 512, 16000]
+    assert [s["ids"][1] for s in ladder] == [16, 128, 512, 512]  # token ids never reach 16000
