@@ -242,6 +242,7 @@ def test_weight_left_by_a_folded_if_is_not_handed_to_onnxruntime():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     result = onnxopt.compile(model, opt_level=1)
     assert result.report["ops_after"] == {"Add": 1} and result.report["verification"]["ok"]
+    assert list(result.ir_model.graph.initializers) == ["w1"]  # the dead branch's weight is gone
 
 
 def _cancelling_conv_bn(big: float = 3e4) -> onnx.ModelProto:
