@@ -452,6 +452,11 @@ def _cannot_run(model: ir.Model, dynamic: list[ir.Value], tried: list[dict], com
     if shaped:
         name, use = shaped[0]
         parts.append(f"; input {name!r} is {use}, which synthesized values cannot know")
+    scalars = [v.name for v in _true_inputs(model) if v.shape is not None and v.shape.rank() == 0
+               and v.dtype is not None and v.dtype.is_integer() and v.name not in dict(shaped)]
+    if scalars:
+        parts.append(f"; input {scalars[0]!r} is an integer scalar, which may have to be one particular value "
+                     "(a sample rate, a count) that cannot be synthesized")
     hint = f"--input-shape {dynamic[0].name}:D1,D2,... or " if dynamic else ""
     parts.append(f"; give {hint}real inputs with --input-data FILE.npz")
     return "".join(parts)

@@ -298,3 +298,25 @@ g (float[B, 3, H, W] img, float[B, T] wav, int64[B, S] ids) => (float[B, 3, H, W
     assert [s["img"] for s in ladder] == [(1, 3, 16, 16), (1, 3, 224, 224), (1, 3, 320, 320), (1, 3, 640, 640)]
     assert [s["wav"][1] for s in ladder] == [16, 128, 512, 16000]
     assert [s["ids"][1] for s in ladder] == [16, 128, 512, 512]  # token ids never reach 16000
+
+
+SAMPLE_RATE = """<ir_version: 8, opset_import: ["" : 17]>
+vad (float[B, T] audio, int64 sr) => (float[B, F, W] y) {
+    hundred = Constant <value = int64 {100}> ()
+    head = Constant <value = int64[2] {1, -1}> ()
+    ax = Constant <value = int64[1] {0}> ()
+    w = Div(sr, hundred)
+    w1 = Unsqueeze(w, ax)
+    s = Concat <axis = 0> (head, w1)
+    y = Reshape(audio, s)
+}
+"""
+
+
+def test_a_sample_rate_input_is_named_and_input_data_runs_it(tmp_path):
+    """Frames of sr/100 samples: a synthesized sr of 0 or 1 cannot run, a real 16000 can."""
+    with pytest.raises(onnxopt.CompileError, match=r"input 'sr' is an integer scalar.*--input-data FILE.npz"):
+        onnxopt.compile(_parse(SAMPLE_RATE))
+    feeds = {"audio": np.zeros((1, 16000), np.float32), "sr": np.array(16000, np.int64)}
+    result = onnxopt.compile(_parse(SAMPLE_RATE), input_data=feeds)
+    assert result.report["verification"]["ok"] and result.report["options"]["input_data"] == "<feed dict>"
