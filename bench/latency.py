@@ -93,18 +93,27 @@ def alternating(sessions: dict[str, ort.InferenceSession], feeds: dict, rounds: 
     return {n: summarize(t, per_round) for n, t in times.items()}
 
 
-def variants(name: str, size: str, tmp: Path) -> dict[str, Path]:
-    """original, onnxopt -O3 and (for transformers) onnxruntime's transformer optimizer, built in process."""
+def variants(name: str, size: str, tmp: Path, exporter: str = "legacy", opset: int | None = None,
+             strip_value_info: bool = False) -> dict[str, Path]:
+    """original, onnxopt -O3 and (for transformers) onnxruntime's transformer optimizer, built in
+    process; with `strip_value_info` also onnxopt -O3 of the same export with graph.value_info
+    cleared (fusions must not depend on the exporter's shape annotations)."""
     import onnxopt
     from onnxopt import load
     from onnxopt.bench import peers, zoo
 
-    original = zoo.build(name, size=size, opset=14 if name != "resnet" else 13)
+    if opset is None:
+        opset = 18 if exporter == "dynamo" else 14 if name != "resnet" else 13
+    original = zoo.build(name, size=size, exporter=exporter, opset=opset)
     out = {"original": original}
     # A/A control: the same bytes in another session. Its ratio is the noise floor of the measurement.
     out["original (copy)"] = Path(shutil.copyfile(original, tmp / f"{name}.copy.onnx"))
     result = onnxopt.compile(original, opt_level=3, target="cpu")
     out["onnxopt -O3"] = result.save(tmp / f"{name}.O3.onnx")
+    if strip_value_info:
+        stripped = zoo.build(name, size=size, exporter=exporter, opset=opset, strip_value_info=True)
+        result = onnxopt.compile(stripped, opt_level=3, target="cpu")
+        out["onnxopt -O3 (value_info stripped)"] = result.save(tmp / f"{name}.novi.O3.onnx")
     hints, _ = peers.transformer_hints(load.load(original))
     if hints is not None:
         # The optimizer writes scratch files (symbolic shape inference) into the working directory.
@@ -177,16 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"])
+    p.add_argument("--opset", type=int, help="zoo export opset (default 14, resnet 13; dynamo 18)")
+    p.add_argument("--strip-value-info", action="store_true",
+                   help="also onnxopt -O3 of the export with graph.value_info cleared")
+    p.add_argument("--tag", help="write latency-TAG.json/.md instead of latency.json/.md")
     args = p.parse_args(argv)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            paths = variants(name, args.size, Path(tmp))
+            paths = variants(name, args.size, Path(tmp), args.exporter, args.opset, args.strip_value_info)
             feeds = zoo.sample_feeds(name, paths["original"], batch=1, seq=args.seq)
             sessions = {v: session(path, args.threads) for v, path in paths.items()}
             lat = alternating(sessions, feeds, args.rounds, args.per_round, args.warmup)
-            res = {"model": f"{name}-{args.size}", "threads": args.threads,
+            res = {"model": f"{name}-{args.size}", "exporter": args.exporter, "threads": args.threads,
                    "input_shapes": {k: list(v.shape) for k, v in feeds.items()}, "latency": lat,
                    "ratio": {v: round_ratios(lat[v], lat["original"]) for v in lat},
                    "kernels": {v: kernels(path, Path(tmp), args.threads) for v, path in paths.items()}}
@@ -195,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
-    (out / "latency.md").write_text(render(results, info))
+    stem = f"latency-{args.tag}" if args.tag else "latency"
+    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(render(results, info))
     print(render(results, info))
     return 0
 

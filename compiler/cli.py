@@ -119,6 +119,13 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
             lines.append(f"  verified (lossy): min output cosine {worst:.6f}, max relative error {ver['max_rel']:.2e} on {shapes}")
         else:
             lines.append(f"  verified: max relative error {ver['max_rel']:.2e} (tolerance {ver['tolerance']:g}) on {shapes}")
+        if ver.get("input_source") == "input_data":
+            lines.append("  verification inputs: --input-data")
+        elif ver.get("shapes_tried"):
+            failed = "; ".join(", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in t.items()) for t in ver["shapes_tried"])
+            lines.append(f"  verification inputs: the first sizes the original runs on (it failed on {failed})")
+        within = [o for o in ver["outputs"] if "rounding noise" in (o.get("note") or "")]
+        lines += [f"  output {o['name']}: {o['note']}" for o in within]
     else:
         lines.append("  verification skipped (--no-verify)")
     lines.append(f"  time: {rep['time_s']['total']:.2f} s")

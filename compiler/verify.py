@@ -8,9 +8,10 @@ own sample, `input_data` / `--input-data FILE.npz`):
 - a dynamic dimension (symbolic, unknown, or declared as -1 or 0) gets `DEFAULT_BATCH` (1) on axis 0
   and `DEFAULT_DIM` (16) elsewhere; a symbolic dimension gets the same value wherever its name
   appears; `input_shapes` overrides (the CLI's `--input-shape name:1,128`);
-- when the original cannot run on that, the dynamic dims other than the batch climb `SIZE_LADDER`
-  (images: 224, 320, 640; sequences and audio: 128, 512, 16000) and the first sample it runs on is
-  used (`reference()`); a sample input over `MAX_SAMPLE_BYTES` (2 GiB) is refused;
+- when the original cannot run on that, the dynamic dims other than the batch climb a ladder
+  (`ladder()`: the graph's hints first, e.g. twice its downsampling factor for images, then
+  images 224, 320, 640; audio 128, 512, 16000; other sequences 128, 512) and the first sample it
+  runs on is used (`reference()`); a sample input over `MAX_SAMPLE_BYTES` (2 GiB) is refused;
 - integer inputs that index an embedding table (a Gather on a constant) get values in range; inputs
   whose name says "mask" and shape tensors (Reshape/Expand/Tile/ConstantOfShape) get ones; other
   integer inputs get 0 or 1; booleans are True; strings are short words;
@@ -46,9 +47,13 @@ DEFAULT_DIM = 16
 DEFAULT_TOLERANCE = 1e-4
 _MAGNITUDE_FLOOR = 1e-6
 # Retry sizes for dynamic dims when the original cannot run on DEFAULT_DIM: images (NCHW, H and W)
-# take sizes that are multiples of 32 (detection backbones and feature pyramids downsample by 32),
-# everything else (sequences, audio) lengths that clear attention windows and reflect padding.
-SIZE_LADDER = {"image": (224, 320, 640), "sequence": (128, 512, 16000)}
+# take sizes that are multiples of 32 (detection backbones and feature pyramids downsample by 32);
+# audio (float [T], [B, T] or [B, 1, T]) lengths that clear reflect padding and STFT windows, up to
+# one second at 16 kHz; other sequences (token ids, features) stop at 512: 16000 tokens would make
+# attention scores of gigabytes.
+SIZE_LADDER = {"image": (224, 320, 640), "audio": (128, 512, 16000), "sequence": (128, 512)}
+# Ops whose `strides` divide the spatial size (the graph's downsampling factor is their product).
+_STRIDED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
 # A synthesized input larger than this is refused (a declared 2**40 dim must not become MemoryError).
 MAX_SAMPLE_BYTES = 2 * 1024**3
 # onnxruntime's native log (its own multi-line errors on stderr): fatal only, unless asked.
@@ -92,19 +97,64 @@ def _itemsize(dtype: ir.DataType | None) -> int:
 
 
 def _input_kind(v: ir.Value) -> str:
-    """'image' for an NCHW-like input (rank 4, dynamic H and W), else 'sequence'."""
+    """'image' for an NCHW-like input (rank 4, dynamic H and W), 'audio' for a float waveform
+    ([T], [B, T], [B, 1, T]), else 'sequence'."""
     dims = v.shape.dims if v.shape is not None else ()
     if len(dims) == 4 and is_dynamic(dims[2]) and is_dynamic(dims[3]):
         return "image"
+    floating = v.dtype is not None and v.dtype.is_floating_point()
+    if floating and (len(dims) <= 2 or (len(dims) == 3 and dims[1] == 1)):
+        return "audio"
     return "sequence"
 
 
-def _dim_for(axis: int, kind: str, rung: int) -> int:
+def graph_hints(model: ir.Model) -> dict[str, list[int]]:
+    """Sizes the graph itself suggests, tried before the fixed ladder.
+
+    image: twice the largest downsampling factor (the product of Conv/Pool strides along a path),
+    the smallest input whose deepest feature map is 2x2, a multiple of every stride; audio and
+    sequences: the smallest power of two above the largest constant reflect padding (reflect
+    padding needs more samples than it pads).
+    """
+    factor: dict[int, int] = {}
+    deepest, widest_pad = 1, 0
+    for node in model.graph:  # valid ONNX graphs are topologically sorted
+        f = max((factor.get(id(v), 1) for v in node.inputs if v is not None), default=1)
+        if node.op_type in _STRIDED:
+            strides = node.attributes.get_ints("strides", None) or [1]
+            f *= max(strides)
+        for out in node.outputs:
+            factor[id(out)] = f
+        deepest = max(deepest, f)
+        if node.op_type == "Pad" and node.attributes.get_string("mode", "constant") == "reflect":
+            pads = node.attributes.get_ints("pads", None)
+            if pads is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+                tensor = ir.convenience.get_const_tensor(node.inputs[1])
+                pads = tensor.numpy().tolist() if tensor is not None else None
+            widest_pad = max([widest_pad, *(int(p) for p in pads or [])])
+    hints: dict[str, list[int]] = {"image": [], "audio": [], "sequence": []}
+    if 2 * deepest > DEFAULT_DIM:
+        hints["image"].append(2 * deepest)
+    if widest_pad >= DEFAULT_DIM:
+        size = 1 << widest_pad.bit_length()  # > widest_pad
+        hints["audio"].append(size)
+        hints["sequence"].append(size)
+    return hints
+
+
+def ladder(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    """Per input kind, the sizes to try after DEFAULT_DIM: the graph's hints, then SIZE_LADDER."""
+    hints = graph_hints(model)
+    return {kind: tuple(dict.fromkeys(hints[kind] + list(sizes))) for kind, sizes in SIZE_LADDER.items()}
+
+
+def _dim_for(axis: int, kind: str, rung: int, sizes: dict[str, tuple[int, ...]]) -> int:
     if axis == 0:
         return DEFAULT_BATCH
     if rung == 0 or (kind == "image" and axis == 1):
         return DEFAULT_DIM
-    return SIZE_LADDER[kind][rung - 1]
+    sizes_of_kind = sizes[kind]
+    return sizes_of_kind[min(rung, len(sizes_of_kind)) - 1]
 
 
 def input_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None,
@@ -112,9 +162,10 @@ def input_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None =
     """Concrete shapes for every true graph input (initializer-backed inputs keep their defaults).
 
     `rung` 0 is the first choice (batch 1, every other dynamic dim DEFAULT_DIM); rung k >= 1 takes
-    the k-th size of SIZE_LADDER for the input's kind (the retry ladder when the original model
+    the k-th size of `ladder(model)` for the input's kind (the retry ladder when the original model
     cannot run on the first choice). A symbolic name gets one value everywhere; overrides win.
     """
+    sizes = ladder(model) if rung else SIZE_LADDER
     overrides = dict(overrides or {})
     inputs = _true_inputs(model)
     unknown = set(overrides) - {v.name for v in inputs}
@@ -147,7 +198,7 @@ def input_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None =
             if not is_dynamic(d):
                 dims.append(d)
                 continue
-            default = _dim_for(axis, kind, rung)
+            default = _dim_for(axis, kind, rung, sizes)
             key = d.value if isinstance(d, ir.SymbolicDim) else None
             dims.append(symbols.setdefault(key, default) if key else default)
         shapes[v.name] = tuple(dims)
@@ -367,7 +418,7 @@ def reference(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = No
     pinned = set(overrides or {})
     dynamic = [v for v in _true_inputs(model) if v.name not in pinned
                and (v.shape is None or any(is_dynamic(d) for d in v.shape.dims))]
-    rungs = range(len(SIZE_LADDER["sequence"]) + 1) if dynamic else range(1)
+    rungs = range(max(map(len, ladder(model).values())) + 1) if dynamic else range(1)
     tried: list[dict[str, tuple[int, ...]]] = []
     complaints: list[str] = []
     for rung in rungs:
@@ -378,7 +429,7 @@ def reference(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = No
                 raise
             break  # the ladder's larger sizes would exceed the sample size limit
         if shapes in tried:
-            continue
+            continue  # a kind whose ladder is shorter stays at its last size
         feeds = synthesize_feeds(model, overrides, rung=rung)
         try:
             outputs = _run_session(sess, feeds)
@@ -401,6 +452,11 @@ def _cannot_run(model: ir.Model, dynamic: list[ir.Value], tried: list[dict], com
     if shaped:
         name, use = shaped[0]
         parts.append(f"; input {name!r} is {use}, which synthesized values cannot know")
+    scalars = [v.name for v in _true_inputs(model) if v.shape is not None and v.shape.rank() == 0
+               and v.dtype is not None and v.dtype.is_integer() and v.name not in dict(shaped)]
+    if scalars:
+        parts.append(f"; input {scalars[0]!r} is an integer scalar, which may have to be one particular value "
+                     "(a sample rate, a count) that cannot be synthesized")
     hint = f"--input-shape {dynamic[0].name}:D1,D2,... or " if dynamic else ""
     parts.append(f"; give {hint}real inputs with --input-data FILE.npz")
     return "".join(parts)

@@ -250,7 +250,8 @@ class DeadCodePass(OptPass):
     """Unused nodes, initializers, functions and opset imports are removed."""
 
     def apply(self, model: ir.Model) -> int:
-        return _run(
+        removed = _drop_stale_initializers(model)
+        return removed + _run(
             [
                 common.RemoveUnusedNodesPass(),
                 common.RemoveUnusedFunctionsPass(),
@@ -258,6 +259,19 @@ class DeadCodePass(OptPass):
             ],
             model,
         )
+
+
+def _drop_stale_initializers(model: ir.Model) -> int:
+    """Initializers only nodes outside the graph still "use": folding an If or Loop away leaves the
+    nodes of its dropped branch holding uses of outer weights, so use counts never reach zero
+    (seen on voice models: `Failed to find existing initializer` in onnxruntime)."""
+    live = {id(node) for node in ir.traversal.RecursiveGraphIterator(model.graph)}
+    stale = [name for name, value in model.graph.initializers.items()
+             if not value.is_graph_input() and not value.is_graph_output()
+             and value.uses() and all(id(node) not in live for node, _ in value.uses())]
+    for name in stale:
+        model.graph.initializers.pop(name)
+    return len(stale)
 
 
 @register("canonicalize_final", level=0, stage="finalize")

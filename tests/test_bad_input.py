@@ -135,8 +135,9 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _assert_one_line_error(capsys, code, expect_code, fragment):
-    err = capsys.readouterr().err
+def _assert_one_line_error(capfd, code, expect_code, fragment):
+    # capfd, not capsys: onnxruntime's native log would write to file descriptor 2 directly.
+    err = capfd.readouterr().err
     assert code == expect_code
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -146,13 +147,13 @@ def _assert_one_line_error(capsys, code, expect_code, fragment):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_MODELS))
-def test_bad_model_one_line_error(case, tmp_path, capsys):
+def test_bad_model_one_line_error(case, tmp_path, capfd):
     make, fragment = BAD_MODELS[case]
     path = make(tmp_path)
     before = _snapshot(tmp_path)
     out = tmp_path / "out.onnx"
     code = cli.main([str(path), "-O2", "-o", str(out)])
-    _assert_one_line_error(capsys, code, 1, fragment)
+    _assert_one_line_error(capfd, code, 1, fragment)
     assert not out.exists()
     assert _snapshot(tmp_path) == before  # input untouched, nothing left behind
 
@@ -171,12 +172,12 @@ def test_bad_model_one_line_error(case, tmp_path, capsys):
         (["--opset", "13"], 1, "only upgrades"),
     ],
 )
-def test_bad_options(args, code, fragment, tmp_path, capsys):
+def test_bad_options(args, code, fragment, tmp_path, capfd):
     model = _write(tmp_path / "m.onnx", _ok_model())
     before = _snapshot(tmp_path)
     args = [a.format(tmp=tmp_path, model=model) for a in args]
     result = cli.main([str(model), *args])
-    _assert_one_line_error(capsys, result, code, fragment)
+    _assert_one_line_error(capfd, result, code, fragment)
     assert _snapshot(tmp_path) == before
 
 
@@ -191,10 +192,10 @@ def test_real_process_exit_codes(tmp_path):
     assert not (tmp_path / "bad.opt.onnx").exists()
 
 
-def test_ok_model_compiles_and_prints_summary(tmp_path, capsys):
+def test_ok_model_compiles_and_prints_summary(tmp_path, capfd):
     model = _write(tmp_path / "m.onnx", _ok_model())
     assert cli.main([str(model), "-O1", "--report", str(tmp_path / "r.json")]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "nodes" in out and "verified" in out
     assert (tmp_path / "m.opt.onnx").exists()
     onnx.checker.check_model(str(tmp_path / "m.opt.onnx"), full_check=True)

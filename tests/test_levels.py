@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from onnxopt.bench import zoo
-from oracle import assert_rewrite
+from oracle import assert_rewrite, op_counts
 
 VARIANTS = zoo.variants("tiny", include_real=True)
 
@@ -27,17 +27,17 @@ def test_level_on_zoo_model(exported, level):
     assert_rewrite(level, path, feeds)
 
 
-STRIPPED = [v for v in zoo.variants("tiny") if v["name"] in ("bert", "gpt2", "vit")]
+# The dynamo exports declare value_info (the legacy exporter's do not, so stripping changes nothing).
+STRIPPED = [v for v in zoo.variants("tiny") if v["exporter"] == "dynamo"]
 
 
 @pytest.mark.parametrize("kw", STRIPPED, ids=[_id(v) + "-novi" for v in STRIPPED])
 def test_levels_2_and_3_without_value_info(kw):
     """Fusions must not depend on the exporter's shape annotations: with graph.value_info cleared
-    every level's result passes the oracle and -O3 fuses as much as on the original export."""
+    every level's result passes the oracle and -O3 gives the same ops as on the original export."""
     path = zoo.build(**kw, strip_value_info=True)
     feeds = zoo.sample_feeds(kw["name"], path)
     assert_rewrite(2, path, feeds)
     fused = assert_rewrite(3, path, feeds)
     original = assert_rewrite(3, zoo.build(**kw), feeds)
-    count = lambda m: sum(n.domain == "com.microsoft" for n in m.graph.node)  # noqa: E731
-    assert count(fused) == count(original) > 0
+    assert op_counts(fused) == op_counts(original)

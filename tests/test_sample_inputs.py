@@ -65,22 +65,32 @@ def _fpn():
 
 
 def test_fpn_with_dynamic_hw_runs_on_a_multiple_of_32():
+    # The graph's hint: five stride-2 convolutions, factor 32, so 64 (deepest map 2x2) comes first.
     result = onnxopt.compile(_fpn(), opt_level=3)
     ver = result.report["verification"]
-    assert ver["ok"] and ver["input_shapes"] == {"x": [1, 3, 224, 224]}
+    assert ver["ok"] and ver["input_shapes"] == {"x": [1, 3, 64, 64]}
     assert ver["shapes_tried"] == [{"x": [1, 3, 16, 16]}]
+    assert verify.ladder(load.load(_fpn()))["image"] == (64, 224, 320, 640)
 
 
 def test_reflect_pad_audio_runs_on_a_longer_signal():
     result = onnxopt.compile(_parse(AUDIO % _floats(4 * 128)), opt_level=2)
     ver = result.report["verification"]
     assert ver["ok"] and ver["input_shapes"]["audio"] == [1, 128]
+    # A pad longer than any fixed rung: the graph's hint (the next power of two) runs.
+    wide = _parse((AUDIO % _floats(4 * 128)).replace("64, 0, 0, 64", "20000, 0, 0, 20000"))
+    ver = onnxopt.compile(wide, opt_level=2).report["verification"]
+    assert ver["ok"] and ver["input_shapes"]["audio"] == [1, 32768]
 
 
 def test_ladder_exhausted_names_input_shapes_tried_and_the_options(capfd, tmp_path):
     """capfd, not capsys: onnxruntime's native log writes to file descriptor 2 directly."""
-    # Needs more than 16000 samples on either side: no rung of the ladder runs.
-    model = _parse((AUDIO % _floats(4 * 128)).replace("64, 0, 0, 64", "20000, 0, 0, 20000"))
+    # Frames of 16001 samples: no rung of the ladder is a multiple.
+    model = _parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, T] audio) => (float[B, F, 16001] y) {
+    s = Constant <value = int64[3] {1, -1, 16001}> ()
+    y = Reshape(audio, s)
+}""")
     onnx.save(model, tmp_path / "m.onnx")
     assert cli.main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx")]) == 1
     err = capfd.readouterr().err.strip().splitlines()
@@ -242,15 +252,17 @@ def test_weight_left_by_a_folded_if_is_not_handed_to_onnxruntime():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     result = onnxopt.compile(model, opt_level=1)
     assert result.report["ops_after"] == {"Add": 1} and result.report["verification"]["ok"]
+    assert list(result.ir_model.graph.initializers) == ["w1"]  # the dead branch's weight is gone
 
 
 def _cancelling_conv_bn(big: float = 3e4) -> onnx.ModelProto:
     """Conv with bias `big` and a BatchNorm subtracting the same mean: the unfused original rounds
     at `big`'s ulp and then cancels, so any Conv+BN folding (onnxruntime's own, or onnxopt's)
     differs from it by ~1.6e-4 relative, more than the default tolerance."""
+    weights = ", ".join(f"{v:.4f}" for v in np.random.default_rng(1).standard_normal(144) * 0.3)
     text = f"""<ir_version: 8, opset_import: ["" : 17]>
 g (float[N, 4, H, W] x) => (float[N, 4, H, W] y) {{
-    w = Constant <value = float[4, 4, 3, 3] {{{_floats(144, 0.3)}}}> ()
+    w = Constant <value = float[4, 4, 3, 3] {{{weights}}}> ()
     b = Constant <value = float[4] {{{big}, {big}, {big}, {big}}}> ()
     s = Constant <value = float[4] {{1.0, 1.0, 1.0, 1.0}}> ()
     z = Constant <value = float[4] {{0.0, 0.0, 0.0, 0.0}}> ()
@@ -275,5 +287,36 @@ def test_error_within_the_originals_own_rounding_noise_passes():
 def test_error_beyond_the_noise_floor_fails_and_suggests_a_tolerance(monkeypatch):
     monkeypatch.setattr(verify, "noise_floor", lambda *a: {"y": 1e-6})  # an original that is exact
     with pytest.raises(onnxopt.CompileError, match=r"relative error 0\.000\d+ > tolerance 0\.0001 \(the "
-                       r"original's own rounding noise is 1e-06; --tolerance 0\.0002 would accept it\)"):
+                       r"original's own rounding noise is 1e-06; --tolerance 0\.000\d would accept it\)"):
         onnxopt.compile(_cancelling_conv_bn(), opt_level=2)
+
+
+def test_ladder_sizes_by_input_kind():
+    model = load.load(_parse("""<ir_version: 8, opset_import: ["" : 17]>
+g (float[B, 3, H, W] img, float[B, T] wav, int64[B, S] ids) => (float[B, 3, H, W] y) { y = Relu(img) }"""))
+    ladder = [verify.input_shapes(model, rung=r) for r in range(4)]
+    assert [s["img"] for s in ladder] == [(1, 3, 16, 16), (1, 3, 224, 224), (1, 3, 320, 320), (1, 3, 640, 640)]
+    assert [s["wav"][1] for s in ladder] == [16, 128, 512, 16000]
+    assert [s["ids"][1] for s in ladder] == [16, 128, 512, 512]  # token ids never reach 16000
+
+
+SAMPLE_RATE = """<ir_version: 8, opset_import: ["" : 17]>
+vad (float[B, T] audio, int64 sr) => (float[B, F, W] y) {
+    hundred = Constant <value = int64 {100}> ()
+    head = Constant <value = int64[2] {1, -1}> ()
+    ax = Constant <value = int64[1] {0}> ()
+    w = Div(sr, hundred)
+    w1 = Unsqueeze(w, ax)
+    s = Concat <axis = 0> (head, w1)
+    y = Reshape(audio, s)
+}
+"""
+
+
+def test_a_sample_rate_input_is_named_and_input_data_runs_it(tmp_path):
+    """Frames of sr/100 samples: a synthesized sr of 0 or 1 cannot run, a real 16000 can."""
+    with pytest.raises(onnxopt.CompileError, match=r"input 'sr' is an integer scalar.*--input-data FILE.npz"):
+        onnxopt.compile(_parse(SAMPLE_RATE))
+    feeds = {"audio": np.zeros((1, 16000), np.float32), "sr": np.array(16000, np.int64)}
+    result = onnxopt.compile(_parse(SAMPLE_RATE), input_data=feeds)
+    assert result.report["verification"]["ok"] and result.report["options"]["input_data"] == "<feed dict>"
