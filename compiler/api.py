@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,11 @@ import onnx_ir as ir
 from onnxopt import __version__, emit, host, ir_version, load, pipeline, report, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.files import FileSet
+from onnxopt.options import CompileOptions
 from onnxopt.passes import inference_dropout as inference_dropout_pass
 from onnxopt.passes import plugins, registry
 from onnxopt.passes.calibration_data import CalibrationError
 
-LEVELS = (0, 1, 2, 3)
 # fp16 verification bound: cosine of every output against the fp32 original.
 FP16_MIN_COSINE = 0.999
 
@@ -128,73 +127,15 @@ def _guarded(fn):
     return wrapper
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _is_real(x) -> bool:
-    return (_is_int(x) or isinstance(x, (float, np.floating))) and np.isfinite(float(x))
-
-
-def _is_names(x) -> bool:
-    return not isinstance(x, (str, bytes)) and isinstance(x, Iterable) and all(isinstance(n, str) for n in x)
-
-
-def _is_shapes(x) -> bool:
-    return isinstance(x, dict) and all(
-        isinstance(k, str) and isinstance(v, (tuple, list)) and all(_is_int(d) and d > 0 for d in v)
-        for k, v in x.items())
-
-
-# Each keyword of compile() with what it must be: a wrong type is a CompileError naming it, never a
-# TypeError deep inside a pass.
-_OPTION_TYPES = {
-    "opset": (lambda x: x is None or (_is_int(x) and 1 <= x), "None or an opset number"),
-    "enable": (_is_names, "a list of pass names"),
-    "disable": (_is_names, "a list of pass names"),
-    "input_shapes": (lambda x: x is None or _is_shapes(x), "a dict of input name to a tuple of positive ints"),
-    "tolerance": (lambda x: _is_real(x) and x >= 0, "a finite number >= 0"),
-    "calibration_samples": (lambda x: x is None or (_is_int(x) and x >= 1), "None or a whole number >= 1"),
-    "int8_min_cosine": (lambda x: _is_real(x) and -1 <= x <= 1, "a number from -1 to 1"),
-    "int8_reduce_range": (lambda x: x is None or isinstance(x, bool), "None, True or False"),
-    "base_dir": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "None or a folder path"),
-    **{name: (lambda x: isinstance(x, bool), "True or False")
-       for name in ("fold_initializer_inputs", "verify_outputs", "fp16", "fp16_io", "int8", "inference_dropout")},
-}
-
-
-def _check_options(values: dict) -> None:
-    for name, (ok, what) in _OPTION_TYPES.items():
-        if name in values and not ok(values[name]):
-            raise CompileError(f"option {name}={values[name]!r} is not valid: it must be {what}")
-
-
 @_guarded
-def compile(  # noqa: A001 - the public name users expect
-    model,
-    opt_level: int = 2,
-    target: str = "cpu",
-    *,
-    opset: int | None = None,
-    enable: Iterable[str] = (),
-    disable: Iterable[str] = (),
-    fold_initializer_inputs: bool = False,
-    verify_outputs: bool = True,
-    input_shapes: dict[str, tuple[int, ...]] | None = None,
-    tolerance: float = verify.DEFAULT_TOLERANCE,
-    fp16: bool = False,
-    fp16_io: bool = False,
-    int8: bool = False,
-    calibration_data=None,
-    calibration_samples: int | None = None,
-    calibration_method: str = "entropy",
-    int8_min_cosine: float = 0.99,
-    int8_reduce_range: bool | None = None,
-    base_dir: str | os.PathLike | None = None,
-    input_data=None,
-    inference_dropout: bool = False,
-) -> CompileResult:
+def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileOptions | None = None,  # noqa: A001
+            **keywords) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
+
+    The keywords are the fields of onnxopt.options.CompileOptions (or pass `options=` one): `opset`,
+    `enable`, `disable`, `fold_initializer_inputs`, `verify_outputs`, `input_shapes`, `input_data`,
+    `tolerance`, `inference_dropout`, `fp16`, `fp16_io`, `int8`, `calibration_data`,
+    `calibration_samples`, `calibration_method`, `int8_min_cosine`, `int8_reduce_range`, `base_dir`.
 
     Raises CompileError with a one-line message on bad input, or when verification finds that an
     exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
@@ -205,137 +146,148 @@ def compile(  # noqa: A001 - the public name users expect
     host needs for the cpu target (on for x86 without VNNI, see onnxopt.host); pass True/False when
     compiling for another machine. `base_dir`: for a ModelProto or onnx_ir.Model whose weights are
     external data, the folder they may be read from (a path's folder is its own; locations that are
-    absolute or escape that folder are refused).
-
-    Verification runs on `input_data` when given (an .npz path or a feed dict: the user's own
-    sample), else on synthesized inputs (see onnxopt.verify). `inference_dropout` turns
-    training-mode Dropout into inference Dropout before anything else (it changes the model on
-    purpose; the report lists the nodes).
+    absolute or escape that folder are refused). Verification runs on `input_data` when given (an
+    .npz path or a feed dict: the user's own sample), else on synthesized inputs (onnxopt.verify).
+    `inference_dropout` turns training-mode Dropout into inference Dropout before anything else.
     """
-    start = time.perf_counter()
-    if not (_is_int(opt_level) and opt_level in LEVELS):
-        raise CompileError(f"optimization level must be one of 0, 1, 2, 3 (got {opt_level!r})")
-    if not isinstance(target, str) or target not in registry.TARGETS:
-        raise CompileError(f"unknown target {target!r} (choose from {', '.join(registry.TARGETS)})")
-    _check_options(locals())
-    flags = {name for name, on in (("fold-initializer-inputs", fold_initializer_inputs), ("fp16", fp16),
-                                   ("int8", int8)) if on}
-    if int8 and calibration_data is None:
-        raise CompileError("--int8 needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts)")
-    # Verification bound for lossy outputs on the synthesized inputs. int8's fidelity target is
-    # enforced by its pass on held-out calibration samples (real data); synthesized N(0, 1) inputs are
-    # out of distribution for calibrated ranges, so there verification only requires finite outputs
-    # and reports the cosine.
-    lossy_min_cosine = -1.0 if int8 else (FP16_MIN_COSINE if fp16 else None)
-    if int8_reduce_range is None:
-        int8_reduce_range = target == "cpu" and host.u8s8_saturates()
-    options = {
-        "target": target,
-        "fp16_io": fp16_io,
-        "int8": int8,
-        "calibration_data": calibration_data,
-        "calibration_samples": calibration_samples,
-        "calibration_method": calibration_method,
-        "int8_min_cosine": int8_min_cosine,
-        "int8_reduce_range": int8_reduce_range,
-        "input_shapes": input_shapes,
-        # Passes must not import the compiler package; calibration gets its sessions from here.
-        "make_session": verify.session,
-        "make_kernel_session": functools.partial(verify.session, optimize=True),
-    }
-    if plugins.load_errors:
-        entry, error = plugins.load_errors[0]
-        raise CompileError(f"plugin pass package {entry!r} (entry point group {plugins.ENTRY_POINT_GROUP!r}) "
-                           f"failed to load: {error}")
-    try:
-        infos = registry.select(opt_level, target, enable=enable, disable=disable, flags=flags)
-    except KeyError as exc:
-        raise CompileError(str(exc.args[0])) from None
+    if options is None:
+        options = CompileOptions.from_keywords(opt_level=opt_level, target=target, **keywords)
+    elif keywords or (opt_level, target) != (2, "cpu"):
+        raise CompileError("give either options= or keywords, not both")
+    return _Compile(model, options).run()
 
-    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-    graph = load.load(model, base_dir=base_dir)
-    reads = reads_of(None, calibration_data, input_data)
-    if source is not None:
-        reads.read(source, "the input model")
-    # The loaded model's external tensors name every weight file it reads (the mapped model file too).
-    reads.read_all(load.external_files(graph), "the input model's external data")
-    dropouts = inference_dropout_pass.apply(graph) if inference_dropout else []
-    t_load = time.perf_counter()
 
-    # Folding initializer inputs removes them from the interface on purpose; compare the rest.
-    sig_before = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
-    ops_before = report.op_counts(graph)
-    ref = original = None
-    if verify_outputs:
-        # The reference outputs come from the model as loaded, before any pass touches it; the
-        # copy (sharing the weights) is kept to measure its rounding noise should the result differ.
-        ref = verify.reference(graph, input_shapes, input_data)
-        original = graph.clone()
-    t_reference = time.perf_counter()
+class _Compile:
+    """One compile, as the steps it takes: plan, load, reference, optimize, check, verify, report."""
 
-    if opset is not None:
-        graph = _upgrade_opset(graph, opset)
-    try:
-        records = pipeline.run(graph, infos, options)
-    except CalibrationError as exc:
-        raise CompileError(str(exc)) from None
-    ir_upgrade = ir_version.conform(graph)
-    t_passes = time.perf_counter()
+    def __init__(self, model, opts: CompileOptions):
+        self.model, self.times = model, {"start": time.perf_counter()}
+        if opts.int8_reduce_range is None:
+            opts = dataclasses.replace(opts, int8_reduce_range=opts.target == "cpu" and host.u8s8_saturates())
+        self.opts = opts
 
-    sig_after = verify.signature(graph, initializer_inputs=not fold_initializer_inputs)
-    if fp16 and fp16_io:
-        # --fp16-io changes float32 inputs/outputs to float16 on purpose; every other change is a bug.
-        sig_before = _fp16_interface(sig_before)
-    if sig_after != sig_before:
-        raise CompileError(f"internal error: the model's interface changed ({_first_difference(sig_before, sig_after)})")
+    def run(self) -> CompileResult:
+        infos = self.plan()
+        graph = self.load()
+        reference, original = self.reference(graph)
+        graph, records, ir_upgrade = self.optimize(graph, infos)
+        sig_after = self.check_interface(graph)
+        verification: dict = {"enabled": self.opts.verify_outputs}
+        if self.opts.verify_outputs:
+            verification = _verify(reference, original, graph, self.opts.tolerance, records, self.lossy_min_cosine,
+                                   self.opts.fp16 and self.opts.fp16_io)
+        self.times["end"] = time.perf_counter()
+        rep = self.report(graph, records, ir_upgrade, sig_after, verification)
+        graph.producer_name = "onnxopt"
+        graph.producer_version = __version__
+        return CompileResult(graph, rep, self.source, self.reads)
 
-    verification: dict = {"enabled": verify_outputs}
-    if verify_outputs:
-        verification = _verify(ref, original, graph, tolerance, records, lossy_min_cosine, fp16 and fp16_io)
-    t_end = time.perf_counter()
+    def plan(self) -> list:
+        """The passes to run, and what verification will ask of a lossy result."""
+        o = self.opts
+        if o.int8 and o.calibration_data is None:
+            raise CompileError("--int8 needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts)")
+        # Verification bound for lossy outputs on the synthesized inputs. int8's fidelity target is
+        # enforced by its pass on held-out calibration samples (real data); synthesized N(0, 1) inputs
+        # are out of distribution for calibrated ranges, so there verification only requires finite
+        # outputs and reports the cosine.
+        self.lossy_min_cosine = -1.0 if o.int8 else (FP16_MIN_COSINE if o.fp16 else None)
+        if plugins.load_errors:
+            entry, error = plugins.load_errors[0]
+            raise CompileError(f"plugin pass package {entry!r} (entry point group {plugins.ENTRY_POINT_GROUP!r}) "
+                               f"failed to load: {error}")
+        flags = {name for name, on in (("fold-initializer-inputs", o.fold_initializer_inputs), ("fp16", o.fp16),
+                                       ("int8", o.int8)) if on}
+        try:
+            return registry.select(o.opt_level, o.target, enable=o.enable, disable=o.disable, flags=flags)
+        except KeyError as exc:
+            raise CompileError(str(exc.args[0])) from None
 
-    rep = {
-        "onnxopt_version": __version__,
-        "schema_version": report.SCHEMA_VERSION,
-        "input": source or "<in-memory model>",
-        "options": {
-            "opt_level": opt_level,
-            "target": target,
-            "opset": opset,
-            "enable": sorted(enable),
-            "disable": sorted(disable),
-            "fold_initializer_inputs": fold_initializer_inputs,
-            "verify": verify_outputs,
-            "fp16": fp16,
-            "fp16_io": fp16_io,
-            "int8": int8,
-            "calibration_method": calibration_method if int8 else None,
-            "int8_min_cosine": int8_min_cosine if int8 else None,
-            "int8_reduce_range": int8_reduce_range if int8 else None,
-            "input_data": (os.fspath(input_data) if isinstance(input_data, (str, os.PathLike))
-                           else "<feed dict>" if input_data is not None else None),
-            "inference_dropout": inference_dropout,
-        },
-        "inference_dropout": {"changed": dropouts} if inference_dropout else None,
-        "ir_version_upgrade": ir_upgrade,
-        "passes": records,
-        "ops_before": ops_before,
-        "ops_after": report.op_counts(graph),
-        "nodes_before": sum(ops_before.values()),
-        "nodes_after": sum(report.op_counts(graph).values()),
-        "signature": sig_after,
-        "verification": verification,
-        "time_s": {
-            "load": round(t_load - start, 4),
-            "passes": round(t_passes - t_reference, 4),
-            # reference run before the passes + compiled run after them
-            "verify": round((t_reference - t_load) + (t_end - t_passes), 4),
-            "total": round(t_end - start, 4),
-        },
-    }
-    graph.producer_name = "onnxopt"
-    graph.producer_version = __version__
-    return CompileResult(graph, rep, source, reads)
+    def load(self) -> ir.Model:
+        """The validated model, and every file the compile reads (for CompileResult.save)."""
+        o, model = self.opts, self.model
+        self.source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        graph = load.load(model, base_dir=o.base_dir)
+        self.reads = reads_of(None, o.calibration_data, o.input_data)
+        if self.source is not None:
+            self.reads.read(self.source, "the input model")
+        # The loaded model's external tensors name every weight file it reads (the mapped model file too).
+        self.reads.read_all(load.external_files(graph), "the input model's external data")
+        self.dropouts = inference_dropout_pass.apply(graph) if o.inference_dropout else []
+        # Folding initializer inputs removes them from the interface on purpose; compare the rest.
+        self.sig_before = verify.signature(graph, initializer_inputs=not o.fold_initializer_inputs)
+        self.ops_before = report.op_counts(graph)
+        self.times["load"] = time.perf_counter()
+        return graph
+
+    def reference(self, graph: ir.Model):
+        """The original's outputs, before any pass touches it; the copy (sharing the weights) is kept
+        to measure its rounding noise should the result differ."""
+        ref = original = None
+        if self.opts.verify_outputs:
+            ref = verify.reference(graph, self.opts.input_shapes, self.opts.input_data)
+            original = graph.clone()
+        self.times["reference"] = time.perf_counter()
+        return ref, original
+
+    def optimize(self, graph: ir.Model, infos):
+        if self.opts.opset is not None:
+            graph = _upgrade_opset(graph, self.opts.opset)
+        pass_options = {
+            **self.opts.for_passes(),
+            # Passes must not import the compiler package; calibration gets its sessions from here.
+            "make_session": verify.session,
+            "make_kernel_session": functools.partial(verify.session, optimize=True),
+        }
+        try:
+            records = pipeline.run(graph, infos, pass_options)
+        except CalibrationError as exc:
+            raise CompileError(str(exc)) from None
+        ir_upgrade = ir_version.conform(graph)
+        self.times["passes"] = time.perf_counter()
+        return graph, records, ir_upgrade
+
+    def check_interface(self, graph: ir.Model) -> dict:
+        o = self.opts
+        sig_after = verify.signature(graph, initializer_inputs=not o.fold_initializer_inputs)
+        sig_before = self.sig_before
+        if o.fp16 and o.fp16_io:
+            # --fp16-io changes float32 inputs/outputs to float16 on purpose; every other change is a bug.
+            sig_before = _fp16_interface(sig_before)
+        if sig_after != sig_before:
+            raise CompileError(f"internal error: the model's interface changed "
+                               f"({_first_difference(sig_before, sig_after)})")
+        return sig_after
+
+    def report(self, graph, records, ir_upgrade, sig_after, verification) -> dict:
+        o, t = self.opts, self.times
+        data = o.input_data
+        options = {**o.for_report(),
+                   "input_data": (os.fspath(data) if isinstance(data, (str, os.PathLike))
+                                  else "<feed dict>" if data is not None else None)}
+        ops_after = report.op_counts(graph)
+        return {
+            "onnxopt_version": __version__,
+            "schema_version": report.SCHEMA_VERSION,
+            "input": self.source or "<in-memory model>",
+            "options": options,
+            "inference_dropout": {"changed": self.dropouts} if o.inference_dropout else None,
+            "ir_version_upgrade": ir_upgrade,
+            "passes": records,
+            "ops_before": self.ops_before,
+            "ops_after": ops_after,
+            "nodes_before": sum(self.ops_before.values()),
+            "nodes_after": sum(ops_after.values()),
+            "signature": sig_after,
+            "verification": verification,
+            "time_s": {
+                "load": round(t["load"] - t["start"], 4),
+                "passes": round(t["passes"] - t["reference"], 4),
+                # reference run before the passes + compiled run after them
+                "verify": round((t["reference"] - t["load"]) + (t["end"] - t["passes"]), 4),
+                "total": round(t["end"] - t["start"], 4),
+            },
+        }
 
 
 def _verify(reference: verify.Reference, original: ir.Model, graph: ir.Model, tolerance: float,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from onnxopt import __version__
+from onnxopt import __version__, options
 from onnxopt.errors import CompileError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -38,41 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                "`onnxopt compare R1.json R2.json ...` (tables and plots across devices); `--help` on each.",
     )
     p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
-    p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=2, metavar="{0,1,2,3}",
-                   help="optimization level (default 2): 0 canonicalize, 1 exact cleanups, "
-                        "2 portable fusions, 3 target fused kernels")
     p.add_argument("-o", "--output", help="output file (default: <stem>.opt.onnx beside the input)")
-    p.add_argument("--target", default="cpu", choices=["cpu", "cuda", "tensorrt", "generic"],
-                   help="execution target for -O3 fused kernels (default cpu)")
-    p.add_argument("--opset", type=int, help="upgrade the model to this ai.onnx opset first")
     p.add_argument("--report", metavar="OUT.json", help="write the compile report as JSON")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                   help="concrete shape for a dynamic input during verification (repeatable)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="verification tolerance, relative to each output's magnitude (default 1e-4)")
-    p.add_argument("--no-verify", action="store_true", help="skip running original and result in onnxruntime")
-    p.add_argument("--input-data", metavar="FILE.npz",
-                   help="verify on your own sample: one array per model input (instead of synthesized inputs)")
-    p.add_argument("--inference-dropout", action="store_true",
-                   help="turn training-mode Dropout into inference Dropout (changes the model; recorded in the report)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
-    p.add_argument("--fold-initializer-inputs", action="store_true",
-                   help="treat initializers that are also graph inputs as constants (changes the interface)")
-    p.add_argument("--fp16", action="store_true", help="float16 weights and compute, with fp32 islands where needed")
-    p.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 graph inputs and outputs too")
-    p.add_argument("--int8", action="store_true", help="int8 quantization (QDQ) after fusion; needs --calibration-data")
-    p.add_argument("--calibration-data", metavar="PATH",
-                   help=".npz with one array per model input (first axis = samples), or a folder of .npz/.npy")
-    p.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
-    p.add_argument("--calibration-method", default="entropy", choices=["entropy", "minmax", "percentile"],
-                   help="activation range method (default entropy: minimum KL divergence)")
-    p.add_argument("--int8-min-cosine", type=float, default=0.99,
-                   help="fidelity target: keep the worst layers in float until every output reaches this cosine")
-    p.add_argument("--int8-reduce-range", choices=["auto", "on", "off"], default="auto",
-                   help="7-bit weights, needed where u8 x s8 kernels saturate (x86 without VNNI); "
-                        "auto: decided by this machine for --target cpu")
-    p.add_argument("--enable", action="append", default=[], metavar="PASS", help="run this pass too")
-    p.add_argument("--disable", action="append", default=[], metavar="PASS", help="do not run this pass")
+    # Every compile option, from its one definition (onnxopt.options).
+    options.add_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -146,31 +116,10 @@ def run_compile(args) -> int:
     if args.report:
         plan.write(args.report, "the report")
     plan.check()
-    shapes = dict(verify.parse_input_shape(s) for s in args.input_shape)
+    opts = options.from_args(args)
     verify.quiet_native_logs(not (args.debug or args.verbose))
     start = time.perf_counter()
-    result = onnxopt.compile(
-        args.model,
-        opt_level=args.level,
-        target=args.target,
-        opset=args.opset,
-        enable=args.enable,
-        disable=args.disable,
-        fold_initializer_inputs=args.fold_initializer_inputs,
-        verify_outputs=not args.no_verify,
-        input_shapes=shapes,
-        tolerance=args.tolerance,
-        fp16=args.fp16,
-        fp16_io=args.fp16_io,
-        int8=args.int8,
-        calibration_data=args.calibration_data,
-        calibration_samples=args.calibration_samples,
-        calibration_method=args.calibration_method,
-        int8_min_cosine=args.int8_min_cosine,
-        int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
-        input_data=args.input_data,
-        inference_dropout=args.inference_dropout,
-    )
+    result = onnxopt.compile(args.model, options=opts)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
     _write_outputs(result, out, external, Path(args.report) if args.report else None)
     if not args.quiet:

@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable, Iterable
 
 from onnxopt.errors import CompileError
+from onnxopt.kernels.catalogue import TARGETS
 
 LEVELS = (0, 1, 2, 3)
-TARGETS = ("cpu", "cuda", "tensorrt", "generic")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 
 
@@ -61,8 +61,13 @@ class Cli:
     convert: Callable = _same
 
 
-def option(default, check: Callable, what: str, cli: Cli | None = None, *, report: bool = True):
-    return dataclasses.field(default=default, metadata={"check": check, "what": what, "cli": cli, "report": report})
+def option(default, check: Callable, what: str, cli: Cli | None = None, *, report: bool = True,
+           message: str | None = None):
+    """A field of CompileOptions: `check(value)` must hold (else `message`, or "option NAME=VALUE is
+    not valid: it must be WHAT"); `cli` its command-line spelling; `report` whether it goes in
+    report["options"]."""
+    return dataclasses.field(default=default, metadata={"check": check, "what": what, "cli": cli, "report": report,
+                                                         "message": message})
 
 
 def _shapes_from_cli(specs: list[str]) -> dict | None:
@@ -82,10 +87,12 @@ class CompileOptions:
     opt_level: int = option(2, lambda x: _is_int(x) and x in LEVELS, "an optimization level: one of 0, 1, 2, 3",
                             Cli(("-O",), dict(type=int, choices=list(LEVELS), metavar="{0,1,2,3}",
                                               help="optimization level (default 2): 0 canonicalize, 1 exact cleanups, "
-                                                   "2 portable fusions, 3 target fused kernels")))
-    target: str = option("cpu", lambda x: x in TARGETS, f"a target: one of {', '.join(TARGETS)}",
+                                                   "2 portable fusions, 3 target fused kernels")),
+                            message="optimization level must be one of 0, 1, 2, 3 (got {value!r})")
+    target: str = option("cpu", lambda x: isinstance(x, str) and x in TARGETS, f"one of {', '.join(TARGETS)}",
                          Cli(("--target",), dict(choices=list(TARGETS),
-                                                 help="execution target for -O3 fused kernels (default cpu)")))
+                                                 help="execution target for -O3 fused kernels (default cpu)")),
+                         message=f"unknown target {{value!r}} (choose from {', '.join(TARGETS)})")
     opset: int | None = option(None, lambda x: x is None or (_is_int(x) and x >= 1), "None or an opset number",
                                Cli(("--opset",), dict(type=int, help="upgrade the model to this ai.onnx opset first")))
     enable: tuple[str, ...] = option((), _is_names, "a list of pass names",
@@ -155,7 +162,8 @@ class CompileOptions:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not f.metadata["check"](value):
-                raise CompileError(f"option {f.name}={value!r} is not valid: it must be {f.metadata['what']}")
+                template = f.metadata["message"] or "option {name}={value!r} is not valid: it must be {what}"
+                raise CompileError(template.format(name=f.name, value=value, what=f.metadata["what"]))
         for name in ("enable", "disable"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+# Every compile target, in the order the CLI lists them.
+TARGETS = ("cpu", "cuda", "tensorrt", "generic")
 ORT_TARGETS = frozenset({"cpu", "cuda"})
 STANDARD_ONLY_TARGETS = frozenset({"tensorrt", "generic"})
 MS = "com.microsoft"

@@ -21,9 +21,7 @@ STAGES = (
     "finalize",  # dead code after everything else, then canonical order again
 )
 
-TARGETS = ("cpu", "cuda", "tensorrt", "generic")
-# Targets served by onnxruntime, which has the com.microsoft fused kernels.
-ORT_TARGETS = frozenset({"cpu", "cuda"})
+from onnxopt.kernels.catalogue import ORT_TARGETS, TARGETS  # noqa: E402,F401 - stated once, there
 
 
 @dataclasses.dataclass(frozen=True)

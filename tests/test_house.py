@@ -110,3 +110,22 @@ def test_passes_decline_under_their_own_names(text, name, options):
     assert declined(report, name), f"{name} declined nothing: {report['passes']}"
     record = next(p for p in report["passes"] if p["name"] == name)
     assert {d["rule"] for d in record["declined"]} == {name}
+
+
+def test_options_are_stated_once():
+    """The CLI's defaults are CompileOptions' defaults, every option with a spelling is an argument,
+    and compile() refuses a keyword that is not an option."""
+    import dataclasses
+
+    from onnxopt import cli
+    from onnxopt.options import CompileOptions, from_args
+
+    parser = cli.build_parser()
+    assert from_args(parser.parse_args(["m.onnx"])) == CompileOptions()
+    dests = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(CompileOptions) if f.metadata["cli"]} <= dests
+    assert from_args(parser.parse_args(["m.onnx", "--no-verify", "--input-shape", "x:1,8", "--int8-reduce-range",
+                                        "off", "-O3"])) == CompileOptions(verify_outputs=False, input_shapes={"x": (1, 8)},
+                                                                          int8_reduce_range=False, opt_level=3)
+    with pytest.raises(onnxopt.CompileError, match="unknown option 'tolerence'"):
+        onnxopt.compile(parse(BAD_GELU), tolerence=1e-3)
