@@ -94,16 +94,9 @@ def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _session(path: Path, threads: int, optimize: bool = True):
-    import onnxruntime as ort
+    from onnxopt import sessions
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    # Several sessions alternate in one process: no spin-waiting threads (see latency.session).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sessions.session(path, sessions.options(optimize=optimize, threads=threads))
 
 
 def _cast_feeds(sess, feeds: dict) -> dict:

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxopt import sessions
+
 
 def session(path: str | Path, threads: int, provider: str = "CPUExecutionProvider",
             opt_level: str = "ORT_ENABLE_ALL", provider_options: dict | None = None) -> ort.InferenceSession:
@@ -37,16 +39,8 @@ def session(path: str | Path, threads: int, provider: str = "CPUExecutionProvide
     the idle sessions' spinning threads steal the cores from the one being timed. Measured on BERT-base
     at 2 threads on 2 cores, three sessions alternating: 165 ms with spinning, 136 ms without, and int8
     79.5 vs 49.3 ms, so spinning skewed every ratio toward the slower model."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, opt_level)
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    providers: list = [(provider, provider_options or {})]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-    return ort.InferenceSession(str(path), options, providers=providers)
+    options = sessions.options(optimize=opt_level, threads=threads)
+    return sessions.session(path, options, sessions.providers_for(provider, provider_options))
 
 
 def summarize(times_ms, per_round: int) -> dict:
@@ -136,16 +130,13 @@ def round_ratios(lat: dict, base: dict) -> dict:
 
 def kernels(path: str | Path, tmp: Path, threads: int) -> dict[str, int]:
     """Op counts of the graph onnxruntime runs after its default optimizations."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options = sessions.options(threads=threads)
     out = tmp / f"{Path(path).stem}.ort-optimized.onnx"
     options.optimized_model_filepath = str(out)
     # External weights keep the dump small; only the graph is read back.
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sessions.session(path, options)
     counts: dict[str, int] = {}
     for node in onnx.load(str(out), load_external_data=False).graph.node:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"

@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxopt import sessions
+
 VARIANTS = ("SkipLayerNormalization", "Add + LayerNormalization")
 
 
@@ -44,13 +46,10 @@ def _model(variant: str, rows: int, hidden: int) -> bytes:
 def kernel_times(variant: str, rows: int, hidden: int, threads: int, runs: int) -> dict[str, float]:
     """Median kernel time (µs) of each op the variant runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.intra_op_num_threads = threads
+        so = sessions.options(optimize="basic", threads=threads, spinning=True)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "prof")
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(_model(variant, rows, hidden), so, providers=["CPUExecutionProvider"])
+        sess = sessions.session(_model(variant, rows, hidden), so)
         rng = np.random.default_rng(1)
         feeds = {n: rng.standard_normal((1, rows, hidden)).astype(np.float32) for n in ("x", "skip")}
         for _ in range(runs):

@@ -96,23 +96,20 @@ def _first_line(exc: BaseException) -> str:
 
 def run(spec: dict) -> dict:
     import numpy as np
-    import onnxruntime as ort
+
+    from onnxopt import sessions
 
     feeds = dict(np.load(spec["feeds"]))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, spec["graph_optimization_level"])
-    options.intra_op_num_threads = spec["threads"]
-    options.log_severity_level = 3
+    # One session per process here: its threads may spin, as a deployed session's do.
+    options = sessions.options(optimize=spec["graph_optimization_level"], threads=spec["threads"], spinning=True)
     provider = spec["provider"]
-    providers = [(provider, spec.get("provider_options") or {})]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")  # nodes the EP does not take, as users run it
+    providers = sessions.providers_for(provider, spec.get("provider_options"))
 
     rss_before = _rss_mb()
     method = _reset_peak()
     start = time.perf_counter()
     try:
-        sess = ort.InferenceSession(spec["model"], options, providers=providers)
+        sess = sessions.session(spec["model"], options, providers)
     except Exception as exc:
         return {"status": "failed", "reason": f"session creation failed: {_first_line(exc)}"}
     load_s = time.perf_counter() - start

@@ -104,7 +104,7 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
 
 def run_compile(args) -> int:
     import onnxopt
-    from onnxopt import api, emit, verify
+    from onnxopt import api, emit, sessions
 
     out = Path(args.output) if args.output else _default_output(args.model)
     if not Path(args.model).exists():
@@ -117,7 +117,7 @@ def run_compile(args) -> int:
         plan.write(args.report, "the report")
     plan.check()
     opts = options.from_args(args)
-    verify.quiet_native_logs(not (args.debug or args.verbose))
+    sessions.quiet_native_logs(not (args.debug or args.verbose))
     start = time.perf_counter()
     result = onnxopt.compile(args.model, options=opts)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import weights
+from onnxopt import sessions, weights
 from onnxopt.errors import CompileError
 from onnxopt.kernels.metrics import cosine  # noqa: F401  (part of this module's API)
 
@@ -56,8 +56,6 @@ SIZE_LADDER = {"image": (224, 320, 640), "audio": (128, 512, 16000), "sequence":
 _STRIDED = {"Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool"}
 # A synthesized input larger than this is refused (a declared 2**40 dim must not become MemoryError).
 MAX_SAMPLE_BYTES = 2 * 1024**3
-# onnxruntime's native log (its own multi-line errors on stderr): fatal only, unless asked.
-NATIVE_LOG_SEVERITY = 4
 # A compiled model whose error is within this multiple of the original's own rounding noise passes.
 NOISE_MULTIPLE = 4.0
 MAX_NOISE_FLOOR = 1e-2
@@ -334,20 +332,13 @@ def session(model: onnx.ModelProto | ir.Model | str | os.PathLike, providers=("C
             optimize: bool = False):
     """An onnxruntime session with every graph optimization off (`optimize`: all on, as deployed;
     for measuring what the fused and integer kernels compute)."""
-    import onnxruntime as ort  # here, not at the top: --no-verify compiles never load it
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.log_severity_level = NATIVE_LOG_SEVERITY
-    ort.set_default_logger_severity(NATIVE_LOG_SEVERITY)
     # Verification runs once: pre-packing weights would only add a copy and startup time.
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(str(model), options, providers=list(providers))
+    options = sessions.options(optimize=optimize, prepacking=False)
     if isinstance(model, ir.Model):
         return weights.session(model, options, providers, edit=_relax_declared_dims)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return sessions.session(model, options, providers)
 
 
 def _relax_declared_dims(proto: onnx.ModelProto) -> None:
@@ -370,10 +361,6 @@ def run(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise CompileError(f"onnxruntime cannot run the model: {exc}") from None
 
 
-def quiet_native_logs(quiet: bool = True) -> None:
-    """onnxruntime's own log lines reach stderr only when not `quiet` (the CLI's -v / --debug)."""
-    global NATIVE_LOG_SEVERITY
-    NATIVE_LOG_SEVERITY = 4 if quiet else 2
 
 
 def _first_line(exc: Exception) -> str:
