@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help="output file (default: <stem>.opt.onnx beside the input)")
     p.add_argument("--report", metavar="OUT.json", help="write the compile report as JSON")
+    p.add_argument("--report-html", metavar="OUT.html",
+                   help="write the compile report as one self-contained HTML page (per-layer charts for lossy passes)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
     # Every compile option, from its one definition (onnxopt.options).
     options.add_arguments(p)
@@ -115,20 +117,29 @@ def run_compile(args) -> int:
     plan.writes = emit.output_files(out, external).writes
     if args.report:
         plan.write(args.report, "the report")
+    if args.report_html:
+        plan.write(args.report_html, "the HTML report")
     plan.check()
     opts = options.from_args(args)
     sessions.quiet_native_logs(not (args.debug or args.verbose))
     start = time.perf_counter()
     result = onnxopt.compile(args.model, options=opts)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
-    _write_outputs(result, out, external, Path(args.report) if args.report else None)
+    reports = {}
+    if args.report:
+        reports[Path(args.report)] = json.dumps(result.report, indent=2, sort_keys=False) + "\n"
+    if args.report_html:
+        from onnxopt import html_report
+
+        reports[Path(args.report_html)] = html_report.render(result.report)
+    _write_outputs(result, out, external, reports)
     if not args.quiet:
         print(_summary(result.report, out, args.verbose))
     return EXIT_OK
 
 
-def _write_outputs(result, out: Path, external_data: bool | None, report: Path | None) -> None:
-    """The model (with its external data) and the report, written both or neither."""
+def _write_outputs(result, out: Path, external_data: bool | None, reports: dict[Path, str]) -> None:
+    """The model (with its external data) and the reports (path -> text), written all or none."""
     from onnxopt import emit, files
 
     if external_data is None:
@@ -137,11 +148,11 @@ def _write_outputs(result, out: Path, external_data: bool | None, report: Path |
     try:
         folder, moves = emit.stage(result.ir_model, out, external_data=external_data)
         staging.append(folder)
-        if report is not None:
+        for report, text in reports.items():
             folder = files.staging_dir(report)
             staging.append(folder)
             staged = folder / report.name
-            staged.write_text(json.dumps(result.report, indent=2, sort_keys=False) + "\n")
+            staged.write_text(text)
             moves.append((staged, report))
         files.commit(moves)
     except OSError as exc:

@@ -355,3 +355,13 @@ def test_bench_and_compare_never_overwrite_their_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], err
         assert _snapshot(tmp_path) == before
+
+
+def test_html_report_is_self_contained_and_written_with_the_model(tmp_path, capsys):
+    model = _ok(tmp_path)
+    out, page = tmp_path / "out.onnx", tmp_path / "r.html"
+    assert cli.main([str(model), "-O3", "-o", str(out), "--report-html", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "lift_constants" in text and "<script" not in text
+    assert "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    _refused(capsys, [str(model), "--report-html", str(model)], "is the input model", tmp_path)

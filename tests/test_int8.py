@@ -332,3 +332,14 @@ def test_cli_int8_reduce_range(digits, tmp_path, capsys, flag, bits):
     codes = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
              if t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".int8")]
     assert codes and max(int(np.abs(c).max()) for c in codes) == bits
+
+
+def test_html_report_shows_int8_layers():
+    """--report-html's int8 section: one bar per layer, green int8, red kept in float."""
+    from onnxopt import html_report
+
+    details = {"layers": [{"node": "conv1", "op": "Conv", "quantized": True, "error": 0.001},
+                          {"node": "fc", "op": "Gemm", "quantized": False, "error": 0.2}]}
+    page = html_report.render({"options": {}, "passes": [{"name": "quantize_int8", "fired": 1, "time_s": 0.1,
+                                                          "declined": [], "details": details}]})
+    assert page.count("<rect") == 2 and "#2ca02c" in page and "#d62728" in page and "1 of 2 layers int8" in page
