@@ -7,7 +7,7 @@ Two modes:
   grouped into `rounds` for the drift figure (round_spread: spread of the per-round medians).
 - alternating (`--peers`): the variants of one model (original, onnxopt levels, peers) are all loaded
   in one process and measured in rounds that alternate between them in rotating order
-  (onnxopt.bench.latency.alternating), so machine drift hits every variant alike. Host memory is not
+  (onnxopt.bench.timing.alternating), so machine drift hits every variant alike. Host memory is not
   attributed per variant in this mode.
 
 Inputs are synthesized like onnxopt's verifier (onnxopt.verify.synthesize_feeds): dynamic dimensions
@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 import onnxopt
 from onnxopt import load, report as compile_report, verify
-from onnxopt.bench import fingerprint, latency, peers, schema
+from onnxopt.bench import fingerprint, peers, schema, timing
 
 EPS = {
     "cpu": "CPUExecutionProvider",
@@ -181,7 +181,7 @@ def measure_isolated(model: Model, ep: str, settings: Settings, workdir: Path) -
         return _result(model.name, "original", ep, "failed", f"measurement process died: {tail[:300]}")
     if out["status"] != "ok":
         return _result(model.name, "original", ep, out["status"], out["reason"])
-    stats = latency.summarize(out["times_ms"], settings.per_round)
+    stats = timing.summarize(out["times_ms"], settings.per_round)
     memory = {
         "host_peak_delta_mb": round(out["peak_rss_mb"] - out["rss_before_mb"], 1),
         "host_peak_mb": round(out["peak_rss_mb"], 1),
@@ -204,7 +204,7 @@ def measure_alternating(model: Model, paths: dict[str, Path], ep: str, settings:
     for name, path in paths.items():
         start = time.perf_counter()
         try:
-            sess = latency.session(path, settings.threads, provider, OPT_LEVELS[settings.opt_level])
+            sess = timing.session(path, settings.threads, provider, OPT_LEVELS[settings.opt_level])
         except Exception as exc:
             results.append(_result(model.name, name, ep, "failed", f"session creation failed: {_first_line(exc)}"))
             continue
@@ -215,7 +215,7 @@ def measure_alternating(model: Model, paths: dict[str, Path], ep: str, settings:
             continue
         sessions[name] = sess
     progress.add(settings.rounds * len(sessions))
-    stats = latency.alternating(sessions, model.feeds, settings.rounds, settings.per_round, settings.warmup,
+    stats = timing.alternating(sessions, model.feeds, settings.rounds, settings.per_round, settings.warmup,
                                 progress=progress.step) if sessions else {}
     memory = {"host_peak_delta_mb": None, "device_mb": None,
               "method": "not measured: the variants share one process (alternating rounds)"}

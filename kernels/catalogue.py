@@ -30,7 +30,7 @@ class Kernel:
     contract: str
     reference: str  # "module:function" in onnxopt.kernels
     # target -> why onnxopt does not emit the kernel there although the target has it: measured
-    # slower than what the target runs for the unfused form (bench/norm_kernels.py re-measures).
+    # slower than what the target runs for the unfused form (bench/experiments/norm_kernels.py re-measures).
     avoid: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -58,7 +58,7 @@ def _ort(cpu=_F32, cuda=_F32_F16) -> dict:
 # it and 0.88x without. onnxruntime builds LayerNormalization itself from the decomposed form at
 # session creation, so on the CPU target the norm is best left to it.
 _SLOW_CPU_NORM = {"cpu": "onnxruntime's CPU kernel is 2-6x slower than Add + LayerNormalization "
-                         "(python -m onnxopt.bench.norm_kernels)"}
+                         "(python -m onnxopt.bench.experiments.norm_kernels)"}
 
 
 CATALOGUE: dict[tuple[str, str], Kernel] = {

@@ -4,7 +4,7 @@
 without the runtime quietly computing it in float32 anyway.
 
 cpu (onnxruntime CPU execution provider, onnxruntime 1.32, x86-64)
-    Derived empirically by `python -m onnxopt.bench.fp16_bench --probe`: for every ai.onnx op at
+    Derived empirically by `python -m onnxopt.bench.experiments.fp16_bench --probe`: for every ai.onnx op at
     opset 17 whose type constraint admits float16 (plus the com.microsoft fused kernels), a
     one-node model was built with float16 tensors, an onnxruntime CPU session created with graph
     optimizations disabled, and the session's graph written out. onnxruntime never refuses a

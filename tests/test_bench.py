@@ -11,7 +11,7 @@ import pytest
 
 import onnxopt
 from onnxopt import cli, load
-from onnxopt.bench import latency, peers, schema, zoo
+from onnxopt.bench import peers, schema, timing, zoo
 
 DATA = Path(__file__).parent / "data"
 FAST = ["--warmup", "1", "--iterations", "6", "--rounds", "3", "-q"]
@@ -79,7 +79,7 @@ def test_unknown_input_shape_name(cnn, capsys):
 
 
 def test_summarize_statistics():
-    stats = latency.summarize([1.0, 2.0, 3.0, 4.0, 10.0, 1.0], per_round=2)
+    stats = timing.summarize([1.0, 2.0, 3.0, 4.0, 10.0, 1.0], per_round=2)
     assert stats["p50"] == 2.5 and stats["min"] == 1.0 and stats["max"] == 10.0 and stats["runs"] == 6
     # round medians 1.5, 3.5, 5.5: spread 4.0, interquartile range 2.0 = 80 % of p50
     assert stats["round_medians"] == [1.5, 3.5, 5.5] and stats["rounds"] == 3
@@ -89,7 +89,7 @@ def test_summarize_statistics():
 def test_round_ratios_pair_the_same_rounds():
     base = {"round_medians": [10.0, 20.0, 10.0, 10.0]}
     # Round 2 drifted for both: per-round ratios are all 0.9, whatever the drift.
-    assert latency.round_ratios({"round_medians": [9.0, 18.0, 9.0, 9.0]}, base) == {"median": 0.9, "q25": 0.9, "q75": 0.9}
+    assert timing.round_ratios({"round_medians": [9.0, 18.0, 9.0, 9.0]}, base) == {"median": 0.9, "q25": 0.9, "q75": 0.9}
 
 
 def test_kernels_are_what_onnxruntime_runs(cnn, tmp_path):
@@ -98,7 +98,7 @@ def test_kernels_are_what_onnxruntime_runs(cnn, tmp_path):
     out = onnxopt.compile(str(cnn), opt_level=2).save(tmp_path / "cnn.O2.onnx")
     assert [n.op_type for n in onnx.load(str(cnn)).graph.node].count("BatchNormalization") == 2
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out)).graph.node]
-    original, compiled = latency.kernels(cnn, tmp_path, 1), latency.kernels(out, tmp_path, 1)
+    original, compiled = timing.kernels(cnn, tmp_path, 1), timing.kernels(out, tmp_path, 1)
     assert original == compiled and "BatchNormalization" not in original
 
 
@@ -213,7 +213,7 @@ def test_missing_peer_is_skipped(cnn, tmp_path, monkeypatch):
 
 def test_norm_kernels_measures_both_forms(capsys):
     """The benchmark behind the catalogue's `avoid` note runs the kernels it names (not timed here)."""
-    from onnxopt.bench import norm_kernels
+    from onnxopt.bench.experiments import norm_kernels
 
     assert set(norm_kernels.kernel_times("SkipLayerNormalization", 4, 8, threads=1, runs=2)) == {"SkipLayerNormalization"}
     assert set(norm_kernels.kernel_times("Add + LayerNormalization", 4, 8, threads=1, runs=2)) == {"Add", "LayerNormalization"}

@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt import verify
-from onnxopt.bench import fp16_bench, zoo
+from onnxopt.bench import zoo
+from onnxopt.bench.experiments import fp16_bench
 from onnxopt.kernels import fp16_support
 from onnxopt.kernels.fp16_support import to_fp16_array
 from onnxopt.passes.fp16 import Fp16Pass

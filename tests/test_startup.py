@@ -1,5 +1,5 @@
 """Start-up (issue 11): `onnxopt --version`, `--help` and usage errors load none of the compiler's
-heavy dependencies; a --no-verify compile never loads onnxruntime. (Wall time: bench/startup_bench.py.)"""
+heavy dependencies; a --no-verify compile never loads onnxruntime. (Wall time: bench/experiments/startup_bench.py.)"""
 
 from __future__ import annotations
 

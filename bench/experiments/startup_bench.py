@@ -1,7 +1,7 @@
 """Start-up time of the CLI: `onnxopt --version`, `--help` and a usage error (goal: under 0.5 s)
 beside a full compile of a small model (the zoo's tiny CNN, -O2, verified).
 
-    python -m onnxopt.bench.startup_bench [--runs 7] [-o bench/results/startup.json]
+    python -m onnxopt.bench.experiments.startup_bench [--runs 7] [-o bench/results/startup.json]
 
 Each command runs in a fresh process (the installed `onnxopt` entry point, else `python -m
 onnxopt`); the figure is the median wall time of `--runs` runs, with min and max.
@@ -36,7 +36,7 @@ def _time(cmd: list[str], runs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m onnxopt.bench.startup_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.startup_bench", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("-o", "--output", help="write the figures as JSON")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """onnxopt --fp16 against onnxconverter-common's float16 converter, on real-weight models and data.
 
-    python -m onnxopt.bench.fp16_bench [--runs 30] [--threads 2] [--out fp16.json]
-    python -m onnxopt.bench.fp16_bench --probe      # re-derive kernels/fp16_support.CPU_FP16_OPS
+    python -m onnxopt.bench.experiments.fp16_bench [--runs 30] [--threads 2] [--out fp16.json]
+    python -m onnxopt.bench.experiments.fp16_bench --probe      # re-derive kernels/fp16_support.CPU_FP16_OPS
 
 Models: MiniLM (all-MiniLM-L6-v2) on 20 real English sentences (tokenized with the checkpoint's own
 tokenizer, cosine of the mean-pooled embeddings, sentence by sentence) and EfficientNet-Lite0 on

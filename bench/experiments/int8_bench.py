@@ -1,6 +1,6 @@
 """int8 benchmark on real trained weights: onnxopt's calibrated QDQ beside onnxruntime.quantization.
 
-`python -m onnxopt.bench.int8_bench [--models digits,minilm,efficientnet,bert] [--no-peers] [-o out.json]`
+`python -m onnxopt.bench.experiments.int8_bench [--models digits,minilm,efficientnet,bert] [--no-peers] [-o out.json]`
 
 * digits: the trained digits CNN, accuracy on the 450-image test split (calibration: 256 train images).
 * minilm: all-MiniLM-L6-v2 sentence embeddings (mean of last_hidden_state over the attention
@@ -91,7 +91,7 @@ def _session(path, optimize: bool = True, threads: int | None = None, profile: s
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
-    # Several sessions alternate in one process: no spin-waiting threads (see latency.session).
+    # Several sessions alternate in one process: no spin-waiting threads (see timing.session).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
@@ -313,13 +313,13 @@ def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 
 
 def _latency(paths: dict[str, Path], feed, rounds: int = 20, threads: int | None = None) -> dict[str, dict]:
     """p50 (ms) and the per-round ratio to the first variant, rounds alternating in rotating order
-    (bench/latency.py)."""
-    from onnxopt.bench import latency
+    (bench/experiments/latency.py)."""
+    from onnxopt.bench import timing
 
     sessions = {k: _session(p, threads=threads) for k, p in paths.items()}
-    lat = latency.alternating(sessions, feed, rounds, per_round=3, warmup=3)
+    lat = timing.alternating(sessions, feed, rounds, per_round=3, warmup=3)
     base = lat[next(iter(paths))]
-    return {k: {"p50_ms": round(v["p50"], 2), "ratio": latency.round_ratios(v, base)} for k, v in lat.items()}
+    return {k: {"p50_ms": round(v["p50"], 2), "ratio": timing.round_ratios(v, base)} for k, v in lat.items()}
 
 
 def _op_profile(path: Path, feed, tmp: Path) -> dict[str, int]:
@@ -425,7 +425,7 @@ def bench_memory(tmp: Path, peers: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m onnxopt.bench.int8_bench")
+    ap = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.int8_bench")
     ap.add_argument("--models", default="digits,minilm,efficientnet,bert,memory")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("-o", "--output")

@@ -2,7 +2,7 @@
 options and a perf_counter loop, sharing no code with onnxopt's runner.
 
     python -m onnxopt.bench.zoo mobilenetv2 --size base -o /tmp/mnv2.onnx
-    onnxopt bench /tmp/mnv2.onnx -o /tmp/mnv2.json && python bench/independent_timing.py /tmp/mnv2.onnx
+    onnxopt bench /tmp/mnv2.onnx -o /tmp/mnv2.json && python bench/experiments/independent_timing.py /tmp/mnv2.onnx
 
 Measured here (2-core EPYC), back to back on a quiet machine: bench p50 4.61 / 3.94 / 4.63 ms vs
 independent 3.98 / 3.85 / 3.96 ms (2-17% apart). When other jobs start or stop between the two runs the

@@ -7,7 +7,7 @@ subprocess runner live in onnxopt.bench.peers, shared with `onnxopt bench --peer
   extra_mb   peak RSS during the job minus RSS just before it started (imports excluded)
   nodes      node count of the tool's output
 
-    python -m onnxopt.bench.compile_bench --model bert --size base --repeat 3 --out bench/results
+    python -m onnxopt.bench.experiments.compile_bench --model bert --size base --repeat 3 --out bench/results
 
 A missing peer is reported as skipped with the reason.
 """
@@ -72,7 +72,7 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m onnxopt.bench.compile_bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.compile_bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bert")
     p.add_argument("--size", default="base")
     p.add_argument("--exporter", default="legacy")

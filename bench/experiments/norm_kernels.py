@@ -6,7 +6,7 @@ Each variant is a one-node (or two-node) model with graph optimizations at ORT_E
 onnxruntime runs exactly the kernels written (at ORT_ENABLE_ALL its CPU session would itself fuse
 Add + LayerNormalization into SkipLayerNormalization). Median per-kernel time over the runs.
 
-    python -m onnxopt.bench.norm_kernels [--shapes 128x768,197x768] [--threads 1,2] [--runs 300]
+    python -m onnxopt.bench.experiments.norm_kernels [--shapes 128x768,197x768] [--threads 1,2] [--runs 300]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def kernel_times(variant: str, rows: int, hidden: int, threads: int, runs: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m onnxopt.bench.norm_kernels", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.norm_kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="128x768,197x768", help="rows x hidden, comma-separated")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=300)
