@@ -21,6 +21,8 @@ from onnxopt.passes.calibration_data import CalibrationError
 LEVELS = (0, 1, 2, 3)
 # fp16 verification bound: cosine of every output against the fp32 original.
 FP16_MIN_COSINE = 0.999
+# int8 QDQ needs per-channel QuantizeLinear (opset 13); older models are upgraded for --int8.
+INT8_MIN_OPSET = 13
 
 
 @dataclasses.dataclass
@@ -85,6 +87,9 @@ def compile(  # noqa: A001 - the public name users expect
     calibration_method: str = "entropy",
     int8_min_cosine: float = 0.99,
     int8_reduce_range: bool | None = None,
+    int8_metric: str = "cosine",
+    int8_target: float | None = None,
+    progress=None,
 ) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
 
@@ -95,7 +100,11 @@ def compile(  # noqa: A001 - the public name users expect
     fidelity reached (relative error, cosine) and fails only on non-finite outputs or a cosine
     below the transform's target. `int8_reduce_range` (7-bit weights) defaults to what the compiling
     host needs for the cpu target (on for x86 without VNNI, see onnxopt.host); pass True/False when
-    compiling for another machine.
+    compiling for another machine. `int8_metric` ("cosine", "top1" for classifiers, "rel-error") is
+    what the fidelity control enforces, at `int8_target` (default: `int8_min_cosine` for cosine, 0.99
+    top-1 agreement, 0.1 relative error); see onnxopt.kernels.fidelity. A model below opset 13 is
+    upgraded to 13 for int8 (per-channel QuantizeLinear), the upgrade verified on its own.
+    `progress(stage, done, total)` is called as calibration and the fidelity control advance.
     """
     start = time.perf_counter()
     if opt_level not in LEVELS:
@@ -122,6 +131,9 @@ def compile(  # noqa: A001 - the public name users expect
         "calibration_method": calibration_method,
         "int8_min_cosine": int8_min_cosine,
         "int8_reduce_range": int8_reduce_range,
+        "int8_metric": int8_metric,
+        "int8_target": int8_target,
+        "progress": progress,
         "input_shapes": input_shapes,
         # Passes must not import the compiler package; calibration gets its sessions from here.
         "make_session": verify.session,
@@ -148,6 +160,23 @@ def compile(  # noqa: A001 - the public name users expect
 
     if opset is not None:
         graph = _upgrade_opset(graph, opset)
+    int8_upgrade = None
+    current = graph.opset_imports.get("", 0)
+    if int8 and current < INT8_MIN_OPSET:
+        # QuantizeLinear per channel needs opset 13: upgrade rather than leave the model float unsaid.
+        # The upgrade is exact, so it is verified on its own (the int8 verification below is lossy).
+        try:
+            graph = _upgrade_opset(graph, INT8_MIN_OPSET)
+        except CompileError as exc:
+            raise CompileError(f"--int8 needs opset {INT8_MIN_OPSET} (the model has {current}): {exc}") from None
+        int8_upgrade = {"from": current, "to": INT8_MIN_OPSET, "verified": False}
+        if verify_outputs:
+            diffs = verify.compare(reference, verify.run(graph, feeds), tolerance)
+            bad = [d for d in diffs if not d.ok]
+            if bad:
+                raise CompileError(f"--int8 needs opset {INT8_MIN_OPSET}; upgrading from opset {current} changed output "
+                                   f"{bad[0].name!r} ({bad[0].note or f'relative error {bad[0].rel:.3g}'})")
+            int8_upgrade["verified"] = True
     try:
         records = pipeline.run(graph, infos, options)
     except CalibrationError as exc:
@@ -184,6 +213,9 @@ def compile(  # noqa: A001 - the public name users expect
             "calibration_method": calibration_method if int8 else None,
             "int8_min_cosine": int8_min_cosine if int8 else None,
             "int8_reduce_range": int8_reduce_range if int8 else None,
+            "int8_metric": int8_metric if int8 else None,
+            "int8_target": int8_target if int8 else None,
+            "int8_opset_upgrade": int8_upgrade,
         },
         "passes": records,
         "ops_before": ops_before,

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation range method (default entropy: minimum KL divergence)")
     p.add_argument("--int8-min-cosine", type=float, default=0.99,
                    help="fidelity target: keep the worst layers in float until every output reaches this cosine")
+    p.add_argument("--int8-metric", choices=["cosine", "top1", "rel-error"], default="cosine",
+                   help="what the int8 fidelity control enforces on held-out samples (default cosine: every "
+                        "output's cosine; top1: a classifier's argmax agreement; rel-error: relative error)")
+    p.add_argument("--int8-target", type=float, metavar="T",
+                   help="target of --int8-metric (default: --int8-min-cosine for cosine, 0.99 agreement for top1, "
+                        "0.1 for rel-error)")
+    p.add_argument("--progress", action="store_true",
+                   help="progress bars on stderr for int8 calibration and fidelity control even when stderr is "
+                        "not a terminal (they are drawn on a terminal anyway; never with -q)")
     p.add_argument("--int8-reduce-range", choices=["auto", "on", "off"], default="auto",
                    help="7-bit weights, needed where u8 x s8 kernels saturate (x86 without VNNI); "
                         "auto: decided by this machine for --target cpu")
@@ -95,13 +104,7 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
             lines.append(f"  pass {p['name']:<28} fired {p['fired']:>4}  {p['time_s'] * 1000:8.1f} ms  "
                          f"declined {p['declined_count']}")
             lines += [f"      declined {d['rule']} at {d['node']} ({d['op']}): {d['reason']}" for d in p["declined"]]
-    int8 = next((p.get("details") for p in rep["passes"] if p["name"] == "quantize_int8" and p.get("details")), None)
-    if int8 and "fidelity" in int8:
-        fid = int8["fidelity"]
-        weights = "7-bit weights (reduce range)" if int8["reduce_range"] else "8-bit weights"
-        lines.append(f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}; "
-                     f"held-out min cosine {fid['held_out_min_cosine']:.5f} on {fid['held_out_samples']} samples, "
-                     f"measured on {int8['fidelity_measured_on']}")
+    lines += _int8_lines(rep)
     ver = rep["verification"]
     if ver.get("enabled"):
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())
@@ -116,6 +119,66 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
     return "\n".join(lines)
 
 
+def _int8_figure(metric: str, s: dict) -> str:
+    if metric == "top1":
+        return (f"top-1 agreement {s['agreement']:.2%} ({s['near_ties']} near-tie(s) apart, predicted "
+                f"{s['predicted_agreement']:.2%})")
+    if metric == "rel-error":
+        return f"max relative error {s['max_rel_error']:.4f}"
+    return f"min cosine {s['min_cosine']:.5f}"
+
+
+def _int8_lines(rep: dict) -> list[str]:
+    """The int8 line: what was quantized, where fidelity was decided and measured, and how it came out;
+    or why nothing was (never a silent no-op)."""
+    if not rep["options"].get("int8"):
+        return []
+    rec = next((p for p in rep["passes"] if p["name"] == "quantize_int8"), None)
+    int8 = (rec or {}).get("details") or {}
+    up = rep["options"].get("int8_opset_upgrade")
+    upgraded = (f"; opset {up['from']} upgraded to {up['to']} for int8"
+                f"{' (verified)' if up['verified'] else ' (not verified: --no-verify)'}") if up else ""
+    if "fidelity" not in int8:
+        reasons = "; ".join(d["reason"] for d in (rec or {}).get("declined", [])[:3]) or "no quantizable layer"
+        return [f"  int8: nothing quantized ({reasons}){upgraded}"]
+    fid, samples, metric = int8["fidelity"], int8["samples"], int8["metric"]
+    weights = "7-bit weights (reduce range)" if int8["reduce_range"] else "8-bit weights"
+    target = f"target {fid['target']:g} with margin: {'met' if fid['ok'] else 'NOT met'}"
+    if "not_split" in samples:
+        where = (f"{samples['calibration']} calibration samples, too few to split (a validation part needs "
+                 f"{2 * 4} or more): decided and measured on the calibration samples")
+        figures = f"{_int8_figure(metric, fid['validation'])} ({target})"
+    else:
+        where = (f"{samples['validation']} validation samples held out of the {samples['calibration']} that "
+                 f"calibrated")
+        figures = (f"validation {_int8_figure(metric, fid['validation'])} ({target}), calibration "
+                   f"{_int8_figure(metric, fid['calibration'])}")
+    return [f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}{upgraded}",
+            f"  int8 {metric}: {figures}; on {where}; measured on {int8['fidelity_measured_on']}"]
+
+
+class _ProgressBars:
+    """tqdm bars on stderr for the passes' progress callback, one per stage."""
+
+    def __init__(self) -> None:
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            for other in self.bars.values():
+                other.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=f"onnxopt: {stage}", unit="run" if total is None else
+                                          "sample", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def run_compile(args) -> int:
     import onnxopt
     from onnxopt import emit, verify
@@ -127,7 +190,23 @@ def run_compile(args) -> int:
     emit.check_output_path(out, args.model)
     shapes = dict(verify.parse_input_shape(s) for s in args.input_shape)
     start = time.perf_counter()
-    result = onnxopt.compile(
+    bars = _ProgressBars() if not args.quiet and (args.progress or sys.stderr.isatty()) else None
+    try:
+        result = _compile(onnxopt, args, shapes, bars)
+    finally:
+        if bars is not None:
+            bars.close()
+    result.save(out, external_data=True if args.external_data else None)
+    result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
+    if args.report:
+        _write_json(Path(args.report), result.report)
+    if not args.quiet:
+        print(_summary(result.report, out, args.verbose))
+    return EXIT_OK
+
+
+def _compile(onnxopt, args, shapes, progress):
+    return onnxopt.compile(
         args.model,
         opt_level=args.level,
         target=args.target,
@@ -146,14 +225,10 @@ def run_compile(args) -> int:
         calibration_method=args.calibration_method,
         int8_min_cosine=args.int8_min_cosine,
         int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
+        int8_metric=args.int8_metric,
+        int8_target=args.int8_target,
+        progress=progress,
     )
-    result.save(out, external_data=True if args.external_data else None)
-    result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
-    if args.report:
-        _write_json(Path(args.report), result.report)
-    if not args.quiet:
-        print(_summary(result.report, out, args.verbose))
-    return EXIT_OK
 
 
 def _write_json(path: Path, data: dict) -> None:
