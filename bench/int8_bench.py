@@ -77,8 +77,61 @@ SENTENCES = [
     "The tenor's voice cracked on the final high note of the aria.",
     "Researchers trained the model on millions of annotated images.",
 ]
-MINILM_SEQ = 32
-N_CALIB_SENTENCES = 26
+MINILM_SEQ = 64
+N_CALIB_SENTENCES = 120
+N_HELD_OUT_SENTENCES = 160
+# scikit-learn modules whose estimator docstrings give more real English sentences.
+_DOC_MODULES = ("sklearn.linear_model", "sklearn.ensemble", "sklearn.cluster", "sklearn.decomposition", "sklearn.svm",
+                "sklearn.neighbors", "sklearn.preprocessing", "sklearn.tree", "sklearn.naive_bayes", "sklearn.mixture")
+
+
+def _split_sentences(text: str) -> list[str]:
+    import re
+
+    out = []
+    for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(text.split())):
+        s = re.sub(r"`([^`<]*)<[^>]*>`_*", r"\1", s).replace("`", "")
+        if 6 <= len(s.split()) <= 60 and s[-1] in ".!?" and re.search("[a-z]", s) and not re.search(r"[<>{}=]|::", s):
+            out.append(s)
+    return out
+
+
+def real_sentences() -> list[str]:
+    """Real English sentences available offline, deduplicated, in a fixed shuffled order: the
+    scikit-learn dataset descriptions (descr/*.rst, markup lines dropped), the hand-written SENTENCES,
+    and the first paragraphs of scikit-learn estimator docstrings."""
+    import importlib
+    import inspect
+
+    import sklearn.datasets
+
+    pool: list[str] = []
+    descr = Path(sklearn.datasets.__file__).parent / "descr"
+    for f in sorted(descr.glob("*.rst")):
+        paragraphs, current = [], []
+        for line in f.read_text().splitlines():
+            s = line.strip()
+            if not s or s.startswith(("..", ":", "=", "-", "|", "*", "+")) or set(s) <= set("=-~^*"):
+                paragraphs.append(" ".join(current))
+                current = []
+            else:
+                current.append(s)
+        paragraphs.append(" ".join(current))
+        for para in paragraphs:
+            pool += _split_sentences(para)
+    pool += SENTENCES
+    for name in _DOC_MODULES:
+        mod = importlib.import_module(name)
+        for attr in sorted(dir(mod)):
+            obj = getattr(mod, attr)
+            doc = inspect.getdoc(obj) if inspect.isclass(obj) or inspect.isfunction(obj) else None
+            for para in (doc or "").split("\n\n")[:3]:
+                if para.strip().startswith(("Parameters", "..", ">>>", "Read more")) or "---" in para:
+                    break
+                pool += _split_sentences(para)
+    pool = list(dict.fromkeys(pool))
+    order = np.random.default_rng(0).permutation(len(pool))
+    return [pool[k] for k in order]
 PEER_METHODS = ("minmax", "entropy", "entropy2048")
 # (calibration method, int8_min_cosine) runs for EfficientNet; --effnet-configs overrides.
 EFFNET_CONFIGS = [("entropy", 0.99), ("entropy", 0.999), ("entropy", 0.9995)]
@@ -224,8 +277,9 @@ def bench_minilm(tmp: Path, peers: bool, opt_levels=(2, 3)) -> dict:
     from onnxopt.bench import zoo
 
     path = zoo.build("minilm")
-    calib = _minilm_feeds(SENTENCES[:N_CALIB_SENTENCES])
-    held = _minilm_feeds(SENTENCES[N_CALIB_SENTENCES:])
+    sentences = real_sentences()
+    calib = _minilm_feeds(sentences[:N_CALIB_SENTENCES])
+    held = _minilm_feeds(sentences[N_CALIB_SENTENCES:N_CALIB_SENTENCES + N_HELD_OUT_SENTENCES])
     ref = _embed(_session(path), held)
 
     def fidelity(p):

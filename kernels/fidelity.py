@@ -22,7 +22,7 @@ not the validation part):
   show 98 %; the margins and the measured noise can.
 
 ``loss`` is the continuous figure the fidelity control ranks layers and ranges by (for top1 the
-worst 1 - cosine of the logits: flips are too coarse to rank by).
+largest RMS logit error, what the prediction is made from: flips are too coarse to rank by).
 """
 
 from __future__ import annotations
@@ -99,7 +99,14 @@ class Metric:
     def loss(self, refs: list[dict], gots: list[dict]) -> float:
         if self.name == "rel-error":
             return max(self._rel_errors(refs, gots), default=0.0)
+        if self.name == "top1":  # the logit noise the prediction is made from
+            return max((self._logit_rms(r, g) for r, g in zip(refs, gots)), default=0.0)
         return 1.0 - min(self._cosines(refs, gots), default=1.0)
+
+    @staticmethod
+    def _logit_rms(ref: dict, got: dict) -> float:
+        name = _float_names(ref)[0]
+        return float(np.sqrt(((logit_rows(ref[name]) - logit_rows(got[name])) ** 2).mean(axis=1)).max())
 
     @staticmethod
     def _cosines(refs, gots) -> list[float]:
@@ -139,7 +146,7 @@ class Metric:
             rows += len(same)
             ties += int(tie.sum())
             agree += int((same & ~tie).sum())
-            sigma = max(sigma, float(np.sqrt(((zr - zg) ** 2).mean(axis=1)).max()))
+            sigma = max(sigma, self._logit_rms(r, g))
         counted = rows - ties
         agreement = agree / counted if counted else 1.0
         margins, tied = (self.all_margins, self.all_ties) if self.all_margins is not None else (None, None)

@@ -64,6 +64,9 @@ LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # is calibration_data.split_plan's.
 VALIDATION_KEPT = 32
 FIT_SAMPLES = 16
+# Validation samples the ranking runs use (range choice, each layer's own error): an order needs fewer
+# samples than a decision, and these runs are most of the control's time. Decisions use all kept.
+RANK_SAMPLES = 4
 MS_FUSED_WITH_PROJECTIONS = ("Attention", "QAttention", "PackedAttention")
 
 
@@ -543,6 +546,7 @@ class QuantizeInt8Pass(OptPass):
             on = {id(lyr): id(lyr) not in excluded for lyr in layers}
             qdq_float = ev.summary(choice, on)
             self.details["evaluations"] = ev.runs
+            self.details["control_times_s"] = {k: round(v, 3) for k, v in ev.time_s.items()}
         finally:
             ev.close()
         for act, real in zip(activations, qdq):
@@ -697,6 +701,13 @@ class _Samples:
                 if all([f[k].shape[0] for k in keys] == [n] * len(keys) for f, n in zip(self.feeds, self.sizes)):
                     self.batch = {k: np.concatenate([f[k] for f in self.feeds]) for k in keys}
 
+    def head(self, n: int) -> "_Samples":
+        """The first n samples, batched alike."""
+        out = object.__new__(_Samples)
+        out.feeds, out.refs, out.names, out.sizes = self.feeds[:n], self.refs[:n], self.names, self.sizes[:n]
+        out.batch = None if self.batch is None else {k: v[: sum(out.sizes)] for k, v in self.batch.items()}
+        return out
+
     def run(self, session, extra: dict | None = None) -> list[dict]:
         extra = extra or {}
         if self.batch is not None:
@@ -717,10 +728,10 @@ class _EvalGraph:
     fed scalar mask, so the fidelity control runs the validation part once per configuration
     instead of building a session per configuration:
 
-        d_a = sum_j m_{a,j} (DQ(Q(x_a; range_j)) - x_a)       one per activation and candidate range
+        d_a = DQ(Q(x_a; s_a, z_a)) - x_a       one per activation; its range's scale and zero point fed
         layer(x_a + m_l d_a, W + m_l (W' - W), b + m_l (b' - b))   m_l: the layer is quantized
 
-    (W' the dequantized int8 weight, b' the corrected bias). With m_l = 1 and one range mask 1 this is
+    (W' the dequantized int8 weight, b' the corrected bias). With m_l = 1 this is
     what the QDQ graph means (up to the int32 rounding of the bias, far below the activation step);
     with m_l = 0 it is the float layer. The graph is rewritten only while the session is built."""
 
@@ -731,6 +742,9 @@ class _EvalGraph:
         self.layers, self.activations, self.candidates = layers, activations, candidates
         self.samples, self.metric, self.progress = samples, metric, progress
         self.runs = 0
+        self.summaries: dict = {}
+        self.time_s = {"build": 0.0, "ranking": 0.0, "decisions": 0.0}
+        t0 = time.perf_counter()
         graph = model.graph
         nodes: list[ir.Node] = []
         masks: list[ir.Value] = []
@@ -755,31 +769,31 @@ class _EvalGraph:
             inits.append(v)
             return v
 
+        def scalar(name, dtype):
+            v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([]))
+            graph.inputs.append(v)
+            masks.append(v)
+            return v
+
+        zp_type = ir.DataType.UINT8 if act_type == "uint8" else ir.DataType.INT8
         first = next(iter(graph))
         delta = {}
         for i, act in enumerate(activations):
-            x, group, terms = act.value, [], []
-            for j, (_, (lo, hi)) in enumerate(candidates[id(act)]):
-                scale, zp = quantize.activation_params(lo, hi, act_type)
-                s = const(np.array(scale, dtype=np.float32), f"{p}.a{i}.r{j}.scale")
-                z = const(np.array(zp), f"{p}.a{i}.r{j}.zero_point")
-                q = op("QuantizeLinear", [x, s, z], f"{p}.a{i}.r{j}.q", dtype=None)
-                dq = op("DequantizeLinear", [q.outputs[0], s, z], f"{p}.a{i}.r{j}.dq")
-                d = op("Sub", [dq.outputs[0], x], f"{p}.a{i}.r{j}.d")
-                t = op("Mul", [mask(f"{p}.a{i}.r{j}"), d.outputs[0]], f"{p}.a{i}.r{j}.md")
-                group += [q, dq, d, t]
-                terms.append(t.outputs[0])
-            total = terms[0]
-            for j, term in enumerate(terms[1:]):
-                add = op("Add", [total, term], f"{p}.a{i}.sum{j}")
-                group.append(add)
-                total = add.outputs[0]
+            # The range is chosen by feeding its scale and zero point: one Q/DQ per activation.
+            x = act.value
+            s, z = scalar(f"{p}.a{i}.scale", ir.DataType.FLOAT), scalar(f"{p}.a{i}.zero_point", zp_type)
+            q = op("QuantizeLinear", [x, s, z], f"{p}.a{i}.q", dtype=None)
+            dq = op("DequantizeLinear", [q.outputs[0], s, z], f"{p}.a{i}.dq")
+            d = op("Sub", [dq.outputs[0], x], f"{p}.a{i}.d")
+            group = [q, dq, d]
             if x.producer() is None:
                 graph.insert_before(first, group)
             else:
                 graph.insert_after(x.producer(), group)
             nodes += group
-            delta[id(x)] = total
+            delta[id(x)] = d.outputs[0]
+        self.params = {id(a): [quantize.activation_params(lo, hi, act_type) for _, (lo, hi) in candidates[id(a)]]
+                       for a in activations}
         dws: dict[int, ir.Value] = {}
         for i, layer in enumerate(layers):
             m = mask(f"{p}.l{i}")
@@ -824,26 +838,39 @@ class _EvalGraph:
                     samples.batch = None
             except Exception:  # noqa: BLE001 - e.g. a Reshape that pins the batch: run per sample
                 samples.batch = None
+        self.rank_samples = samples.head(RANK_SAMPLES)
+        self.time_s["build"] = time.perf_counter() - t0
 
     def masks(self, choice: dict[int, int], on: dict[int, bool]) -> dict[str, np.ndarray]:
         p, feed = self.PREFIX, {}
         for i, act in enumerate(self.activations):
-            for j in range(len(self.candidates[id(act)])):
-                feed[f"{p}.a{i}.r{j}"] = np.array(float(choice[id(act)] == j), dtype=np.float32)
+            scale, zp = self.params[id(act)][max(choice[id(act)], 0)]
+            feed[f"{p}.a{i}.scale"] = np.array(scale, dtype=np.float32)
+            feed[f"{p}.a{i}.zero_point"] = np.array(zp)
         for i, layer in enumerate(self.layers):
             feed[f"{p}.l{i}"] = np.array(float(on.get(id(layer), False)), dtype=np.float32)
         return feed
 
-    def _run(self, choice, on) -> list[dict]:
+    def _run(self, samples: _Samples, choice, on) -> list[dict]:
         self.runs += 1
         self.progress("fidelity control", self.runs, None)
-        return self.samples.run(self.session, self.masks(choice, on))
+        return samples.run(self.session, self.masks(choice, on))
 
     def summary(self, choice, on) -> dict:
-        return self.metric.summary(self.samples.refs, self._run(choice, on))
+        """The metric's figures on the kept validation samples (a decision; remembered per configuration)."""
+        key = (tuple(choice[id(a)] for a in self.activations), tuple(bool(on.get(id(lyr))) for lyr in self.layers))
+        if key not in self.summaries:
+            t = time.perf_counter()
+            self.summaries[key] = self.metric.summary(self.samples.refs, self._run(self.samples, choice, on))
+            self.time_s["decisions"] += time.perf_counter() - t
+        return self.summaries[key]
 
     def loss(self, choice, on) -> float:
-        return self.metric.loss(self.samples.refs, self._run(choice, on))
+        """The ranking loss on the first RANK_SAMPLES of them."""
+        t = time.perf_counter()
+        out = self.metric.loss(self.rank_samples.refs, self._run(self.rank_samples, choice, on))
+        self.time_s["ranking"] += time.perf_counter() - t
+        return out
 
     def close(self) -> None:
         self.session = None
