@@ -133,8 +133,12 @@ def real_sentences() -> list[str]:
     order = np.random.default_rng(0).permutation(len(pool))
     return [pool[k] for k in order]
 PEER_METHODS = ("minmax", "entropy", "entropy2048")
-# (calibration method, int8_min_cosine) runs for EfficientNet; --effnet-configs overrides.
-EFFNET_CONFIGS = [("entropy", 0.99), ("entropy", 0.999), ("entropy", 0.9995)]
+# (calibration method, --int8-metric, --int8-target or None for the default) runs for EfficientNet;
+# --effnet-configs overrides.
+EFFNET_CONFIGS = [("entropy", "top1", None), ("entropy", "cosine", None)]
+# BERT-base exports whose int8 latency is measured: the zoo's default (legacy exporter, opset 14) and a
+# legacy opset-17 export (both with dynamic batch and sequence axes, as the zoo exports them).
+BERT_RECIPES = {"legacy-op14": {"exporter": "legacy", "opset": 14}, "legacy-op17": {"exporter": "legacy", "opset": 17}}
 
 
 def _session(path, optimize: bool = True, threads: int | None = None, profile: str | None = None):
@@ -171,6 +175,18 @@ def _onnxopt_int8(path, feeds, out: Path, opt_level=2, method="entropy", **kw):
     return out, {"compile_s": round(elapsed, 2), "fired": rec["fired"], "declined": rec["declined_count"],
                  "details": rec.get("details"), "ops": {k: v for k, v in result.report["ops_after"].items()
                                                         if "quantize" in k.lower() or k in ("MatMul", "Gemm", "Conv")}}
+
+
+def _int8_summary(info: dict) -> dict:
+    """What the report says of the int8 pass: layers, the figures on its validation and calibration parts, times."""
+    d = info.get("details") or {}
+    fid = d.get("fidelity", {})
+    keep = {k: v for k, v in info.items() if k != "details"}
+    return {**keep, "layers_int8": d.get("quantized"), "layers": (d.get("quantized") or 0) + (d.get("float") or 0),
+            "samples": d.get("samples"), "metric": d.get("metric"), "target": d.get("target"),
+            "validation": fid.get("validation"), "calibration": fid.get("calibration"),
+            "calibration_time_s": d.get("calibration_time_s"), "control_time_s": d.get("control_time_s"),
+            "control_times_s": d.get("control_times_s"), "evaluations": d.get("evaluations")}
 
 
 def _peer(fn, *args):
@@ -288,10 +304,10 @@ def bench_minilm(tmp: Path, peers: bool, opt_levels=(2, 3)) -> dict:
         return {"min_cosine": round(min(cos), 5), "mean_cosine": round(float(np.mean(cos)), 5),
                 "below_0.99": int(sum(c < 0.99 for c in cos))}
 
-    res = {"held_out_sentences": len(held), "calibration_sentences": len(calib)}
+    res = {"held_out_sentences": len(held), "calibration_sentences": len(calib), "seq": MINILM_SEQ}
     for level in opt_levels:
         p, info = _onnxopt_int8(path, calib, tmp / f"minilm-O{level}.onnx", opt_level=level)
-        res[f"onnxopt_O{level}_entropy"] = {**fidelity(p), **info}
+        res[f"onnxopt_O{level}_entropy"] = {**fidelity(p), **_int8_summary(info)}
     if peers:
         for method in PEER_METHODS:
             p, info = _peer(_ort_static, path, calib, tmp / f"minilm-ort-{method}.onnx", method)
@@ -341,14 +357,22 @@ def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 
         s = _session(p)
         return np.concatenate([s.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)]).argmax(1)
 
+    from onnxopt.kernels import fidelity
+
     ref = top1(path)
-    res = {"eval_crops": n_eval, "calibration_crops": n_calib}
+    s_ref = _session(path)
+    logits = np.concatenate([s_ref.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)])
+    _, ties = fidelity.top2_margins({"logits": logits})
+    res = {"eval_crops": n_eval, "calibration_crops": n_calib, "eval_near_ties": int(ties.sum())}
     fp32 = onnxopt.compile(str(path), opt_level=2, verify_outputs=False).save(tmp / "effnet-fp32.onnx")
     paths = {"fp32_O2": fp32}
-    for method, min_cos in EFFNET_CONFIGS:
-        key = f"onnxopt_O2_{method}_mincos{min_cos}"
-        p, info = _onnxopt_int8(path, calib, tmp / f"{key}.onnx", opt_level=2, method=method, int8_min_cosine=min_cos)
-        res[key] = {"top1_agreement": float((top1(p) == ref).mean()), **info}
+    for method, metric, target in EFFNET_CONFIGS:
+        key = f"onnxopt_O2_{method}_{metric}" + (f"_{target}" if target is not None else "_default")
+        p, info = _onnxopt_int8(path, calib, tmp / f"{key}.onnx", opt_level=2, method=method, int8_metric=metric,
+                                int8_target=target)
+        same = top1(p) == ref
+        res[key] = {"top1_agreement": float(same.mean()), "top1_agreement_without_near_ties": float(same[~ties].mean()),
+                    **_int8_summary(info)}
         paths[key] = p
     if peers:
         for method in PEER_METHODS:
@@ -391,14 +415,22 @@ def _op_profile(path: Path, feed, tmp: Path) -> dict[str, int]:
 
 
 def bench_bert(tmp: Path, peers: bool, seq: int = 128, n_calib: int = 32) -> dict:
-    """Latency only: the zoo's BERT-base has no trained weights, so fidelity is not the question
-    here and every MatMul is kept quantized (int8_min_cosine=0)."""
+    """Latency only, for each of BERT_RECIPES: the zoo's BERT-base has no trained weights, so fidelity
+    is not the question here and every MatMul is kept quantized (int8_min_cosine=0). Calibration cost
+    is measured on the first recipe."""
+    res = {}
+    for k, (name, recipe) in enumerate(BERT_RECIPES.items()):
+        res[name] = _bench_bert_recipe(tmp, peers, recipe, seq, n_calib, calibration_cost=k == 0)
+    return res
+
+
+def _bench_bert_recipe(tmp: Path, peers: bool, recipe: dict, seq: int, n_calib: int, calibration_cost: bool) -> dict:
     import onnxopt
     from onnxopt import verify
     from onnxopt.bench import zoo
     from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
 
-    path = zoo.build("bert", size="base")
+    path = zoo.build("bert", size="base", **recipe)
     rng = np.random.default_rng(0)
 
     def feeds(n):
@@ -433,7 +465,10 @@ def bench_bert(tmp: Path, peers: bool, seq: int = 128, n_calib: int = 32) -> dic
     lat = _latency(paths, feed)
     res["latency_ms"] = {k: v["p50_ms"] for k, v in lat.items()}
     res["latency_ratio_vs_fp32_O3"] = {k: v["ratio"] for k, v in lat.items()}
-    res["ort_kernels"] = {k: _op_profile(paths[k], feed, tmp) for k in paths if k != "fp32_O3"}
+    res["ort_kernels"] = {k: _op_profile(paths[k], feed, tmp) for k in paths}
+    res["recipe"] = recipe
+    if not calibration_cost:
+        return res
     # Calibration cost vs plain inference over the same samples (onnxruntime optimizations off in both).
     model = compiled.ir_model
     qp = QuantizeInt8Pass()
@@ -483,10 +518,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="digits,minilm,efficientnet,bert,memory")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("-o", "--output")
-    ap.add_argument("--effnet-configs", help="e.g. entropy:0.99,minmax:0.998")
+    ap.add_argument("--effnet-configs", help="method:metric[:target],... e.g. entropy:top1,entropy:cosine:0.999")
     args = ap.parse_args(argv)
-    if args.effnet_configs:
-        EFFNET_CONFIGS[:] = [(m, float(c)) for m, c in (x.split(":") for x in args.effnet_configs.split(","))]
+    if args.effnet_configs:  # method:metric[:target],...
+        EFFNET_CONFIGS[:] = [(x.split(":")[0], x.split(":")[1], float(x.split(":")[2]) if x.count(":") > 1 else None)
+                             for x in args.effnet_configs.split(",")]
     results = {"machine": {**machine(), "u8s8_saturates": _REDUCE_RANGE}}
     benches = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet, "bert": bench_bert,
                "memory": bench_memory}
