@@ -4,13 +4,15 @@
 
 * digits: the trained digits CNN, accuracy on the 450-image test split (calibration: 256 train images).
 * minilm: all-MiniLM-L6-v2 sentence embeddings (mean of last_hidden_state over the attention
-  mask) for held-out English sentences, cosine fp32 vs int8 (calibration: other sentences).
+  mask), cosine fp32 vs int8 for each of 160 held-out real sentences (`real_sentences`: scikit-learn's
+  dataset descriptions and docstrings), calibration on 120 other sentences, padded to 64 tokens, at the
+  defaults; compile time, layers int8, and the pass's own validation / calibration figures.
 * efficientnet: EfficientNet-Lite0 (ImageNet weights) top-1 agreement fp32 vs int8 on 400 random
-  224 crops of scikit-image's sample photos (calibration: 64 other crops), at the default
-  --int8-min-cosine 0.99 and at 0.999 and 0.9995, and batch-1 latency against fp32 -O2.
+  224 crops of scikit-image's sample photos (calibration: 64 other crops), with `--int8-metric top1`
+  and with the default cosine metric, each at its default target, and batch-1 latency against fp32 -O2.
 * bert: BERT-base latency of int8 vs fp32 -O3 on the CPU EP (onnxruntime graph optimizations on,
-  alternating runs), calibration time vs plain inference over the same samples, peak memory
-  growth of calibration at 64 vs 512 samples.
+  alternating rounds) for each of BERT_RECIPES, calibration time vs plain inference over the same
+  samples; memory: peak memory growth of calibration at 64 vs 512 samples.
 
 Peers: onnxruntime's quantize_static (QDQ, per-channel, u8/s8) with MinMax and with Entropy
 (num_bins=2048), and quantize_dynamic for BERT latency, on the same models in the same run. On an

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-method", default="entropy", choices=["entropy", "minmax", "percentile"],
                    help="activation range method (default entropy: minimum KL divergence)")
     p.add_argument("--int8-min-cosine", type=float, default=0.99,
-                   help="fidelity target: keep the worst layers in float until every output reaches this cosine")
+                   help="cosine target (default 0.99): the worst layers stay float until the validation part of the "
+                        "calibration data reaches it, with a margin (see the README)")
     p.add_argument("--int8-metric", choices=["cosine", "top1", "rel-error"], default="cosine",
                    help="what the int8 fidelity control enforces on held-out samples (default cosine: every "
                         "output's cosine; top1: a classifier's argmax agreement; rel-error: relative error)")
@@ -145,16 +146,15 @@ def _int8_lines(rep: dict) -> list[str]:
     weights = "7-bit weights (reduce range)" if int8["reduce_range"] else "8-bit weights"
     target = f"target {fid['target']:g} with margin: {'met' if fid['ok'] else 'NOT met'}"
     if "not_split" in samples:
-        where = (f"{samples['calibration']} calibration samples, too few to split (a validation part needs "
-                 f"{2 * 4} or more): decided and measured on the calibration samples")
+        where = samples["not_split"]
         figures = f"{_int8_figure(metric, fid['validation'])} ({target})"
     else:
-        where = (f"{samples['validation']} validation samples held out of the {samples['calibration']} that "
+        where = (f"on {samples['validation']} validation samples held out of the {samples['calibration']} that "
                  f"calibrated")
         figures = (f"validation {_int8_figure(metric, fid['validation'])} ({target}), calibration "
                    f"{_int8_figure(metric, fid['calibration'])}")
     return [f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}{upgraded}",
-            f"  int8 {metric}: {figures}; on {where}; measured on {int8['fidelity_measured_on']}"]
+            f"  int8 {metric}: {figures}; {where}; measured on {int8['fidelity_measured_on']}"]
 
 
 class _ProgressBars:
