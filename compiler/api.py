@@ -101,7 +101,7 @@ def compile(  # noqa: A001 - the public name users expect
     below the transform's target. `int8_reduce_range` (7-bit weights) defaults to what the compiling
     host needs for the cpu target (on for x86 without VNNI, see onnxopt.host); pass True/False when
     compiling for another machine. `int8_metric` ("cosine", "top1" for classifiers, "rel-error") is
-    what the fidelity control enforces, at `int8_target` (default: `int8_min_cosine` for cosine, 0.99
+    what the fidelity control enforces, at `int8_target` (default: `int8_min_cosine` for cosine, 0.98
     top-1 agreement, 0.1 relative error); see onnxopt.kernels.fidelity. A model below opset 13 is
     upgraded to 13 for int8 (per-channel QuantizeLinear), the upgrade verified on its own.
     `progress(stage, done, total)` is called as calibration and the fidelity control advance.

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the int8 fidelity control enforces on held-out samples (default cosine: every "
                         "output's cosine; top1: a classifier's argmax agreement; rel-error: relative error)")
     p.add_argument("--int8-target", type=float, metavar="T",
-                   help="target of --int8-metric (default: --int8-min-cosine for cosine, 0.99 agreement for top1, "
+                   help="target of --int8-metric (default: --int8-min-cosine for cosine, 0.98 agreement for top1, "
                         "0.1 for rel-error)")
     p.add_argument("--progress", action="store_true",
                    help="progress bars on stderr for int8 calibration and fidelity control even when stderr is "
