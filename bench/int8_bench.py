@@ -8,7 +8,7 @@
   dataset descriptions and docstrings), calibration on 120 other sentences, padded to 64 tokens, at the
   defaults; compile time, layers int8, and the pass's own validation / calibration figures.
 * efficientnet: EfficientNet-Lite0 (ImageNet weights) top-1 agreement fp32 vs int8 on 400 random
-  224 crops of scikit-image's sample photos (calibration: 64 other crops), with `--int8-metric top1`
+  224 crops of scikit-image's sample photos (calibration: 128 other crops), with `--int8-metric top1`
   and with the default cosine metric, each at its default target, and batch-1 latency against fp32 -O2.
 * bert: BERT-base latency of int8 vs fp32 -O3 on the CPU EP (onnxruntime graph optimizations on,
   alternating rounds) for each of BERT_RECIPES, calibration time vs plain inference over the same
@@ -345,7 +345,7 @@ def _photo_crops(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 400) -> dict:
+def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 128, n_eval: int = 400) -> dict:
     """Top-1 agreement on `n_eval` crops (400: at 100 the binomial standard error, ~1.7 points, is
     as large as the differences in question) and batch-1 latency against fp32 -O2."""
     import onnxopt
