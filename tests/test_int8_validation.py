@@ -235,3 +235,18 @@ def test_ir_model_is_unchanged_by_a_failed_eval_build(digits):
     after = state(model)
     assert after[:3] == before[:3] and set(after[3]) <= set(before[3])
     assert not any(name.startswith("onnxopt.int8_eval") for name in after[3])
+
+
+def test_int8_opset_upgrade_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    path = _opset12_model(tmp_path)
+    out = tmp_path / "q.onnx"
+
+    def refuse(model, opset):
+        raise RuntimeError("No Adapter For MatMul\ntraceback lines")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    assert cli.main([str(path), "--int8", "--calibration-data", str(tmp_path / "x.npz"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["onnxopt: error: --int8 needs opset 13 (the model has 12): cannot upgrade the model to opset 13: "
+                   "No Adapter For MatMul"]
+    assert not out.exists()
