@@ -24,6 +24,8 @@ from onnxopt.passes.calibration_data import CalibrationError
 
 # fp16 verification bound: cosine of every output against the fp32 original.
 FP16_MIN_COSINE = 0.999
+# int8 QDQ needs per-channel QuantizeLinear (opset 13); older models are upgraded for --int8.
+INT8_MIN_OPSET = 13
 
 
 @dataclasses.dataclass
@@ -135,7 +137,8 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     The keywords are the fields of onnxopt.options.CompileOptions (or pass `options=` one): `opset`,
     `enable`, `disable`, `fold_initializer_inputs`, `verify_outputs`, `input_shapes`, `input_data`,
     `tolerance`, `inference_dropout`, `fp16`, `fp16_io`, `int8`, `calibration_data`,
-    `calibration_samples`, `calibration_method`, `int8_min_cosine`, `int8_reduce_range`, `base_dir`.
+    `calibration_samples`, `calibration_method`, `int8_min_cosine`, `int8_metric`, `int8_target`,
+    `int8_reduce_range`, `progress`, `base_dir`.
 
     Raises CompileError with a one-line message on bad input, or when verification finds that an
     exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
@@ -149,6 +152,11 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     absolute or escape that folder are refused). Verification runs on `input_data` when given (an
     .npz path or a feed dict: the user's own sample), else on synthesized inputs (onnxopt.verify).
     `inference_dropout` turns training-mode Dropout into inference Dropout before anything else.
+    `int8_metric` ("cosine", "top1" for classifiers, "rel-error") is what the int8 fidelity control
+    enforces, at `int8_target` (default: `int8_min_cosine` for cosine, 0.98 top-1 agreement, 0.1
+    relative error); see onnxopt.kernels.fidelity. A model below opset 13 is upgraded to 13 for int8
+    (per-channel QuantizeLinear), the upgrade verified on its own. `progress(stage, done, total)` is
+    called as calibration and the fidelity control advance.
     """
     if options is None:
         options = CompileOptions.from_keywords(opt_level=opt_level, target=target, **keywords)
@@ -227,12 +235,14 @@ class _Compile:
         if self.opts.verify_outputs:
             ref = verify.reference(graph, self.opts.input_shapes, self.opts.input_data)
             original = graph.clone()
+        self._reference = ref
         self.times["reference"] = time.perf_counter()
         return ref, original
 
     def optimize(self, graph: ir.Model, infos):
         if self.opts.opset is not None:
             graph = _upgrade_opset(graph, self.opts.opset)
+        graph = self.int8_opset(graph)
         pass_options = {
             **self.opts.for_passes(),
             # Passes must not import the compiler package; calibration gets its sessions from here.
@@ -246,6 +256,28 @@ class _Compile:
         ir_upgrade = ir_version.conform(graph)
         self.times["passes"] = time.perf_counter()
         return graph, records, ir_upgrade
+
+    def int8_opset(self, graph: ir.Model) -> ir.Model:
+        """QuantizeLinear per channel needs opset 13: upgrade rather than leave the model float unsaid.
+        The upgrade is exact, so it is verified on its own (the int8 verification after it is lossy)."""
+        self.int8_upgrade = None
+        current = graph.opset_imports.get("", 0)
+        if not self.opts.int8 or current >= INT8_MIN_OPSET:
+            return graph
+        try:
+            graph = _upgrade_opset(graph, INT8_MIN_OPSET)
+        except CompileError as exc:
+            raise CompileError(f"--int8 needs opset {INT8_MIN_OPSET} (the model has {current}): {exc}") from None
+        self.int8_upgrade = {"from": current, "to": INT8_MIN_OPSET, "verified": False}
+        if self._reference is not None:
+            ref = self._reference
+            diffs = verify.compare(ref.outputs, verify.run(graph, ref.feeds), self.opts.tolerance)
+            bad = [d for d in diffs if not d.ok]
+            if bad:
+                raise CompileError(f"--int8 needs opset {INT8_MIN_OPSET}; upgrading from opset {current} changed "
+                                   f"output {bad[0].name!r} ({bad[0].note or f'relative error {bad[0].rel:.3g}'})")
+            self.int8_upgrade["verified"] = True
+        return graph
 
     def check_interface(self, graph: ir.Model) -> dict:
         o = self.opts
@@ -264,7 +296,8 @@ class _Compile:
         data = o.input_data
         options = {**o.for_report(),
                    "input_data": (os.fspath(data) if isinstance(data, (str, os.PathLike))
-                                  else "<feed dict>" if data is not None else None)}
+                                  else "<feed dict>" if data is not None else None),
+                   "int8_opset_upgrade": self.int8_upgrade}
         ops_after = report.op_counts(graph)
         return {
             "onnxopt_version": __version__,

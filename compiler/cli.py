@@ -8,6 +8,7 @@ Exit status: 0 ok, 1 error (bad model, failed verification), 2 usage, 130 interr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside the model")
     # Every compile option, from its one definition (onnxopt.options).
     options.add_arguments(p)
+    p.add_argument("--progress", action="store_true",
+                   help="progress bars on stderr for int8 calibration and fidelity control even when stderr is "
+                        "not a terminal (they are drawn on a terminal anyway; never with -q)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,13 +80,7 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
             lines.append(f"  pass {p['name']:<28} fired {p['fired']:>4}  {p['time_s'] * 1000:8.1f} ms  "
                          f"declined {p['declined_count']}")
             lines += [f"      declined {d['rule']} at {d['node']} ({d['op']}): {d['reason']}" for d in p["declined"]]
-    int8 = next((p.get("details") for p in rep["passes"] if p["name"] == "quantize_int8" and p.get("details")), None)
-    if int8 and "fidelity" in int8:
-        fid = int8["fidelity"]
-        weights = "7-bit weights (reduce range)" if int8["reduce_range"] else "8-bit weights"
-        lines.append(f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}; "
-                     f"held-out min cosine {fid['held_out_min_cosine']:.5f} on {fid['held_out_samples']} samples, "
-                     f"measured on {int8['fidelity_measured_on']}")
+    lines += _int8_lines(rep)
     ver = rep["verification"]
     if ver.get("enabled"):
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())
@@ -104,6 +102,65 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
     return "\n".join(lines)
 
 
+def _int8_figure(metric: str, s: dict) -> str:
+    if metric == "top1":
+        return (f"top-1 agreement {s['agreement']:.2%} ({s['near_ties']} near-tie(s) apart, predicted "
+                f"{s['predicted_agreement']:.2%})")
+    if metric == "rel-error":
+        return f"max relative error {s['max_rel_error']:.4f}"
+    return f"min cosine {s['min_cosine']:.5f}"
+
+
+def _int8_lines(rep: dict) -> list[str]:
+    """The int8 line: what was quantized, where fidelity was decided and measured, and how it came out;
+    or why nothing was (never a silent no-op)."""
+    if not rep["options"].get("int8"):
+        return []
+    rec = next((p for p in rep["passes"] if p["name"] == "quantize_int8"), None)
+    int8 = (rec or {}).get("details") or {}
+    up = rep["options"].get("int8_opset_upgrade")
+    upgraded = (f"; opset {up['from']} upgraded to {up['to']} for int8"
+                f"{' (verified)' if up['verified'] else ' (not verified: --no-verify)'}") if up else ""
+    if "fidelity" not in int8:
+        reasons = "; ".join(d["reason"] for d in (rec or {}).get("declined", [])[:3]) or "no quantizable layer"
+        return [f"  int8: nothing quantized ({reasons}){upgraded}"]
+    fid, samples, metric = int8["fidelity"], int8["samples"], int8["metric"]
+    weights = "7-bit weights (reduce range)" if int8["reduce_range"] else "8-bit weights"
+    target = f"target {fid['target']:g} with margin: {'met' if fid['ok'] else 'NOT met'}"
+    if "not_split" in samples:
+        where = samples["not_split"]
+        figures = f"{_int8_figure(metric, fid['validation'])} ({target})"
+    else:
+        where = (f"on {samples['validation']} validation samples held out of the {samples['calibration']} that "
+                 f"calibrated")
+        figures = (f"validation {_int8_figure(metric, fid['validation'])} ({target}), calibration "
+                   f"{_int8_figure(metric, fid['calibration'])}")
+    return [f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}{upgraded}",
+            f"  int8 {metric}: {figures}; {where}; measured on {int8['fidelity_measured_on']}"]
+
+
+class _ProgressBars:
+    """tqdm bars on stderr for the passes' progress callback, one per stage."""
+
+    def __init__(self) -> None:
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            for other in self.bars.values():
+                other.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=f"onnxopt: {stage}", unit="run" if total is None else
+                                          "sample", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def run_compile(args) -> int:
     import onnxopt
     from onnxopt import api, emit, sessions
@@ -123,7 +180,12 @@ def run_compile(args) -> int:
     opts = options.from_args(args)
     sessions.quiet_native_logs(not (args.debug or args.verbose))
     start = time.perf_counter()
-    result = onnxopt.compile(args.model, options=opts)
+    bars = _ProgressBars() if not args.quiet and (args.progress or sys.stderr.isatty()) else None
+    try:
+        result = onnxopt.compile(args.model, options=dataclasses.replace(opts, progress=bars))
+    finally:
+        if bars is not None:
+            bars.close()
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
     reports = {}
     if args.report:

@@ -16,6 +16,7 @@ from onnxopt.kernels.catalogue import TARGETS
 
 LEVELS = (0, 1, 2, 3)
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+INT8_METRICS = ("cosine", "top1", "rel-error")
 
 
 # -- value checks (a wrong value is a CompileError naming the option, never a TypeError later) ----
@@ -148,8 +149,22 @@ class CompileOptions:
                                             "(default entropy: minimum KL divergence)")))
     int8_min_cosine: float = option(
         0.99, lambda x: _is_real(x) and -1 <= x <= 1, "a number from -1 to 1",
-        Cli(("--int8-min-cosine",), dict(type=float, help="fidelity target: keep the worst layers in float until "
-                                         "every output reaches this cosine")))
+        Cli(("--int8-min-cosine",), dict(type=float, help="cosine target (default 0.99): the worst layers stay float "
+                                         "until the validation part of the calibration data reaches it, with a "
+                                         "margin (see the README)")))
+    # Values are checked by the int8 pass itself, whose messages name the flag (as calibration_method).
+    int8_metric: str = option(
+        "cosine", lambda x: isinstance(x, str), "a metric name",
+        Cli(("--int8-metric",), dict(choices=list(INT8_METRICS), help="what the int8 fidelity control enforces on "
+                                     "held-out samples (default cosine: every output's cosine; top1: a classifier's "
+                                     "argmax agreement; rel-error: relative error)")))
+    int8_target: float | None = option(
+        None, lambda x: x is None or _is_real(x), "None or a number",
+        Cli(("--int8-target",), dict(type=float, metavar="T", help="target of --int8-metric (default: "
+                                     "--int8-min-cosine for cosine, 0.98 agreement for top1, 0.1 for rel-error)")))
+    # progress(stage, done, total), called as calibration and the fidelity control advance (the CLI
+    # draws bars from it); not a result-deciding option, so not in the report.
+    progress: object = option(None, lambda x: x is None or callable(x), "None or a callable", report=False)
     int8_reduce_range: bool | None = option(
         None, lambda x: x is None or isinstance(x, bool), "None, True or False",
         Cli(("--int8-reduce-range",), dict(choices=["auto", "on", "off"], default="auto",

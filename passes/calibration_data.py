@@ -27,6 +27,9 @@ import onnx_ir as ir
 
 # One sample for the histograms and one held out to measure fidelity on.
 MIN_SAMPLES = 2
+# The validation part: a fixed share of the samples, at least MIN_VALIDATION of them (see split_plan).
+VALIDATION_SHARE = 0.2
+MIN_VALIDATION = 4
 
 
 class CalibrationError(ValueError):
@@ -250,3 +253,37 @@ def _lazy_npz_row(f: Path, specs: list[InputSpec]):
         return cache["row"](k)
 
     return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Which samples (by index in the stream) form the validation part; the rest calibrate.
+
+    With a known count n: ``max(MIN_VALIDATION, round(VALIDATION_SHARE * n))`` samples, evenly
+    spaced (every fifth sample for the default share); fewer than ``2 * MIN_VALIDATION`` samples
+    are not split (``validation == 0``: the fidelity control then decides on the calibration
+    samples, and says so). With an unknown count (a bare iterable), every fifth sample."""
+
+    count: int | None
+    validation: int | None  # planned size of the validation part; None: every fifth sample
+
+    @property
+    def split(self) -> bool:
+        return self.validation != 0
+
+    def is_validation(self, k: int) -> bool:
+        if self.validation is None:
+            return k % round(1 / VALIDATION_SHARE) == round(1 / VALIDATION_SHARE) - 1
+        if not self.validation:
+            return False
+        n, v = self.count, self.validation
+        return (k + 1) * v // n > k * v // n
+
+
+def split_plan(count: int | None) -> Split:
+    """The deterministic calibration / validation split of `count` samples (see Split)."""
+    if count is None:
+        return Split(None, None)
+    if count < 2 * MIN_VALIDATION:
+        return Split(count, 0)
+    return Split(count, max(MIN_VALIDATION, round(VALIDATION_SHARE * count)))

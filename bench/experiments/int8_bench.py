@@ -4,13 +4,15 @@
 
 * digits: the trained digits CNN, accuracy on the 450-image test split (calibration: 256 train images).
 * minilm: all-MiniLM-L6-v2 sentence embeddings (mean of last_hidden_state over the attention
-  mask) for held-out English sentences, cosine fp32 vs int8 (calibration: other sentences).
+  mask), cosine fp32 vs int8 for each of 160 held-out real sentences (`real_sentences`: scikit-learn's
+  dataset descriptions and docstrings), calibration on 120 other sentences, padded to 64 tokens, at the
+  defaults; compile time, layers int8, and the pass's own validation / calibration figures.
 * efficientnet: EfficientNet-Lite0 (ImageNet weights) top-1 agreement fp32 vs int8 on 400 random
-  224 crops of scikit-image's sample photos (calibration: 64 other crops), at the default
-  --int8-min-cosine 0.99 and at 0.999 and 0.9995, and batch-1 latency against fp32 -O2.
+  224 crops of scikit-image's sample photos (calibration: 128 other crops), with `--int8-metric top1`
+  and with the default cosine metric, each at its default target, and batch-1 latency against fp32 -O2.
 * bert: BERT-base latency of int8 vs fp32 -O3 on the CPU EP (onnxruntime graph optimizations on,
-  alternating runs), calibration time vs plain inference over the same samples, peak memory
-  growth of calibration at 64 vs 512 samples.
+  alternating rounds) for each of BERT_RECIPES, calibration time vs plain inference over the same
+  samples; memory: peak memory growth of calibration at 64 vs 512 samples.
 
 Peers: onnxruntime's quantize_static (QDQ, per-channel, u8/s8) with MinMax and with Entropy
 (num_bins=2048), and quantize_dynamic for BERT latency, on the same models in the same run. On an
@@ -77,11 +79,69 @@ SENTENCES = [
     "The tenor's voice cracked on the final high note of the aria.",
     "Researchers trained the model on millions of annotated images.",
 ]
-MINILM_SEQ = 32
-N_CALIB_SENTENCES = 26
+MINILM_SEQ = 64
+N_CALIB_SENTENCES = 120
+N_HELD_OUT_SENTENCES = 160
+# scikit-learn modules whose estimator docstrings give more real English sentences.
+_DOC_MODULES = ("sklearn.linear_model", "sklearn.ensemble", "sklearn.cluster", "sklearn.decomposition", "sklearn.svm",
+                "sklearn.neighbors", "sklearn.preprocessing", "sklearn.tree", "sklearn.naive_bayes", "sklearn.mixture")
+
+
+def _split_sentences(text: str) -> list[str]:
+    import re
+
+    out = []
+    for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(text.split())):
+        s = re.sub(r"`([^`<]*)<[^>]*>`_*", r"\1", s).replace("`", "")
+        if 6 <= len(s.split()) <= 60 and s[-1] in ".!?" and re.search("[a-z]", s) and not re.search(r"[<>{}=]|::", s):
+            out.append(s)
+    return out
+
+
+def real_sentences() -> list[str]:
+    """Real English sentences available offline, deduplicated, in a fixed shuffled order: the
+    scikit-learn dataset descriptions (descr/*.rst, markup lines dropped), the hand-written SENTENCES,
+    and the first paragraphs of scikit-learn estimator docstrings."""
+    import importlib
+    import inspect
+
+    import sklearn.datasets
+
+    pool: list[str] = []
+    descr = Path(sklearn.datasets.__file__).parent / "descr"
+    for f in sorted(descr.glob("*.rst")):
+        paragraphs, current = [], []
+        for line in f.read_text().splitlines():
+            s = line.strip()
+            if not s or s.startswith(("..", ":", "=", "-", "|", "*", "+")) or set(s) <= set("=-~^*"):
+                paragraphs.append(" ".join(current))
+                current = []
+            else:
+                current.append(s)
+        paragraphs.append(" ".join(current))
+        for para in paragraphs:
+            pool += _split_sentences(para)
+    pool += SENTENCES
+    for name in _DOC_MODULES:
+        mod = importlib.import_module(name)
+        for attr in sorted(dir(mod)):
+            obj = getattr(mod, attr)
+            doc = inspect.getdoc(obj) if inspect.isclass(obj) or inspect.isfunction(obj) else None
+            for para in (doc or "").split("\n\n")[:3]:
+                if para.strip().startswith(("Parameters", "..", ">>>", "Read more")) or "---" in para:
+                    break
+                pool += _split_sentences(para)
+    pool = list(dict.fromkeys(pool))
+    order = np.random.default_rng(0).permutation(len(pool))
+    return [pool[k] for k in order]
 PEER_METHODS = ("minmax", "entropy", "entropy2048")
-# (calibration method, int8_min_cosine) runs for EfficientNet; --effnet-configs overrides.
-EFFNET_CONFIGS = [("entropy", 0.99), ("entropy", 0.999), ("entropy", 0.9995)]
+# (calibration method, --int8-metric, --int8-target or None for the default) runs for EfficientNet;
+# --effnet-configs overrides.
+EFFNET_CONFIGS = [("entropy", "top1", None), ("entropy", "cosine", None)]
+# BERT-base exports whose int8 latency is measured: the zoo's default (legacy exporter, opset 14) and a
+# legacy opset-17 export (both with dynamic batch and sequence axes, as the zoo exports them).
+BERT_RECIPES = {"legacy-op14": {"exporter": "legacy", "opset": 14}, "legacy-op17": {"exporter": "legacy", "opset": 17},
+                "legacy-op17-sdpa": {"exporter": "legacy", "opset": 17, "attention": "sdpa"}}
 
 
 def _session(path, optimize: bool = True, threads: int | None = None, profile: str | None = None):
@@ -118,6 +178,18 @@ def _onnxopt_int8(path, feeds, out: Path, opt_level=2, method="entropy", **kw):
     return out, {"compile_s": round(elapsed, 2), "fired": rec["fired"], "declined": rec["declined_count"],
                  "details": rec.get("details"), "ops": {k: v for k, v in result.report["ops_after"].items()
                                                         if "quantize" in k.lower() or k in ("MatMul", "Gemm", "Conv")}}
+
+
+def _int8_summary(info: dict) -> dict:
+    """What the report says of the int8 pass: layers, the figures on its validation and calibration parts, times."""
+    d = info.get("details") or {}
+    fid = d.get("fidelity", {})
+    keep = {k: v for k, v in info.items() if k != "details"}
+    return {**keep, "layers_int8": d.get("quantized"), "layers": (d.get("quantized") or 0) + (d.get("float") or 0),
+            "samples": d.get("samples"), "metric": d.get("metric"), "target": d.get("target"),
+            "validation": fid.get("validation"), "calibration": fid.get("calibration"),
+            "calibration_time_s": d.get("calibration_time_s"), "control_time_s": d.get("control_time_s"),
+            "control_times_s": d.get("control_times_s"), "evaluations": d.get("evaluations")}
 
 
 def _peer(fn, *args):
@@ -224,8 +296,9 @@ def bench_minilm(tmp: Path, peers: bool, opt_levels=(2, 3)) -> dict:
     from onnxopt.bench import zoo
 
     path = zoo.build("minilm")
-    calib = _minilm_feeds(SENTENCES[:N_CALIB_SENTENCES])
-    held = _minilm_feeds(SENTENCES[N_CALIB_SENTENCES:])
+    sentences = real_sentences()
+    calib = _minilm_feeds(sentences[:N_CALIB_SENTENCES])
+    held = _minilm_feeds(sentences[N_CALIB_SENTENCES:N_CALIB_SENTENCES + N_HELD_OUT_SENTENCES])
     ref = _embed(_session(path), held)
 
     def fidelity(p):
@@ -234,10 +307,10 @@ def bench_minilm(tmp: Path, peers: bool, opt_levels=(2, 3)) -> dict:
         return {"min_cosine": round(min(cos), 5), "mean_cosine": round(float(np.mean(cos)), 5),
                 "below_0.99": int(sum(c < 0.99 for c in cos))}
 
-    res = {"held_out_sentences": len(held), "calibration_sentences": len(calib)}
+    res = {"held_out_sentences": len(held), "calibration_sentences": len(calib), "seq": MINILM_SEQ}
     for level in opt_levels:
         p, info = _onnxopt_int8(path, calib, tmp / f"minilm-O{level}.onnx", opt_level=level)
-        res[f"onnxopt_O{level}_entropy"] = {**fidelity(p), **info}
+        res[f"onnxopt_O{level}_entropy"] = {**fidelity(p), **_int8_summary(info)}
     if peers:
         for method in PEER_METHODS:
             p, info = _peer(_ort_static, path, calib, tmp / f"minilm-ort-{method}.onnx", method)
@@ -272,7 +345,7 @@ def _photo_crops(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 400) -> dict:
+def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 128, n_eval: int = 400) -> dict:
     """Top-1 agreement on `n_eval` crops (400: at 100 the binomial standard error, ~1.7 points, is
     as large as the differences in question) and batch-1 latency against fp32 -O2."""
     import onnxopt
@@ -287,14 +360,22 @@ def bench_efficientnet(tmp: Path, peers: bool, n_calib: int = 64, n_eval: int = 
         s = _session(p)
         return np.concatenate([s.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)]).argmax(1)
 
+    from onnxopt.kernels import fidelity
+
     ref = top1(path)
-    res = {"eval_crops": n_eval, "calibration_crops": n_calib}
+    s_ref = _session(path)
+    logits = np.concatenate([s_ref.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)])
+    _, ties = fidelity.top2_margins({"logits": logits})
+    res = {"eval_crops": n_eval, "calibration_crops": n_calib, "eval_near_ties": int(ties.sum())}
     fp32 = onnxopt.compile(str(path), opt_level=2, verify_outputs=False).save(tmp / "effnet-fp32.onnx")
     paths = {"fp32_O2": fp32}
-    for method, min_cos in EFFNET_CONFIGS:
-        key = f"onnxopt_O2_{method}_mincos{min_cos}"
-        p, info = _onnxopt_int8(path, calib, tmp / f"{key}.onnx", opt_level=2, method=method, int8_min_cosine=min_cos)
-        res[key] = {"top1_agreement": float((top1(p) == ref).mean()), **info}
+    for method, metric, target in EFFNET_CONFIGS:
+        key = f"onnxopt_O2_{method}_{metric}" + (f"_{target}" if target is not None else "_default")
+        p, info = _onnxopt_int8(path, calib, tmp / f"{key}.onnx", opt_level=2, method=method, int8_metric=metric,
+                                int8_target=target)
+        same = top1(p) == ref
+        res[key] = {"top1_agreement": float(same.mean()), "top1_agreement_without_near_ties": float(same[~ties].mean()),
+                    **_int8_summary(info)}
         paths[key] = p
     if peers:
         for method in PEER_METHODS:
@@ -337,14 +418,22 @@ def _op_profile(path: Path, feed, tmp: Path) -> dict[str, int]:
 
 
 def bench_bert(tmp: Path, peers: bool, seq: int = 128, n_calib: int = 32) -> dict:
-    """Latency only: the zoo's BERT-base has no trained weights, so fidelity is not the question
-    here and every MatMul is kept quantized (int8_min_cosine=0)."""
+    """Latency only, for each of BERT_RECIPES: the zoo's BERT-base has no trained weights, so fidelity
+    is not the question here and every MatMul is kept quantized (int8_min_cosine=0). Calibration cost
+    is measured on the zoo default (legacy-op14)."""
+    res = {}
+    for name, recipe in BERT_RECIPES.items():
+        res[name] = _bench_bert_recipe(tmp, peers, recipe, seq, n_calib, calibration_cost=name == "legacy-op14")
+    return res
+
+
+def _bench_bert_recipe(tmp: Path, peers: bool, recipe: dict, seq: int, n_calib: int, calibration_cost: bool) -> dict:
     import onnxopt
     from onnxopt import verify
     from onnxopt.bench import zoo
     from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
 
-    path = zoo.build("bert", size="base")
+    path = zoo.build("bert", size="base", **recipe)
     rng = np.random.default_rng(0)
 
     def feeds(n):
@@ -379,7 +468,10 @@ def bench_bert(tmp: Path, peers: bool, seq: int = 128, n_calib: int = 32) -> dic
     lat = _latency(paths, feed)
     res["latency_ms"] = {k: v["p50_ms"] for k, v in lat.items()}
     res["latency_ratio_vs_fp32_O3"] = {k: v["ratio"] for k, v in lat.items()}
-    res["ort_kernels"] = {k: _op_profile(paths[k], feed, tmp) for k in paths if k != "fp32_O3"}
+    res["ort_kernels"] = {k: _op_profile(paths[k], feed, tmp) for k in paths}
+    res["recipe"] = recipe
+    if not calibration_cost:
+        return res
     # Calibration cost vs plain inference over the same samples (onnxruntime optimizations off in both).
     model = compiled.ir_model
     qp = QuantizeInt8Pass()
@@ -429,10 +521,17 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="digits,minilm,efficientnet,bert,memory")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("-o", "--output")
-    ap.add_argument("--effnet-configs", help="e.g. entropy:0.99,minmax:0.998")
+    ap.add_argument("--bert-recipes", help=f"comma-separated subset of {', '.join(BERT_RECIPES)}")
+    ap.add_argument("--effnet-configs", help="method:metric[:target],... e.g. entropy:top1,entropy:cosine:0.999")
     args = ap.parse_args(argv)
-    if args.effnet_configs:
-        EFFNET_CONFIGS[:] = [(m, float(c)) for m, c in (x.split(":") for x in args.effnet_configs.split(","))]
+    if args.effnet_configs:  # method:metric[:target],...
+        EFFNET_CONFIGS[:] = [(x.split(":")[0], x.split(":")[1], float(x.split(":")[2]) if x.count(":") > 1 else None)
+                             for x in args.effnet_configs.split(",")]
+    if args.bert_recipes:
+        keep = args.bert_recipes.split(",")
+        for name in list(BERT_RECIPES):
+            if name not in keep:
+                del BERT_RECIPES[name]
     results = {"machine": {**machine(), "u8s8_saturates": _REDUCE_RANGE}}
     benches = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet, "bert": bench_bert,
                "memory": bench_memory}
