@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 
 import onnxopt
