@@ -85,6 +85,9 @@ def compile(  # noqa: A001 - the public name users expect
     calibration_method: str = "entropy",
     int8_min_cosine: float = 0.99,
     int8_reduce_range: bool | None = None,
+    prune: float | None = None,
+    prune_round: int = 8,
+    prune_min_cosine: float | None = None,
 ) -> CompileResult:
     """Optimize `model` (path, onnx.ModelProto or onnx_ir.Model; never modified) at `opt_level`.
 
@@ -95,7 +98,10 @@ def compile(  # noqa: A001 - the public name users expect
     fidelity reached (relative error, cosine) and fails only on non-finite outputs or a cosine
     below the transform's target. `int8_reduce_range` (7-bit weights) defaults to what the compiling
     host needs for the cpu target (on for x86 without VNNI, see onnxopt.host); pass True/False when
-    compiling for another machine.
+    compiling for another machine. `prune=F` (with `calibration_data`) removes the fraction F of the
+    prunable MACs by structured pruning with reconstruction (onnxopt.passes.prune), kept counts
+    rounded to multiples of `prune_round`, backing off until the held-out min cosine reaches
+    `prune_min_cosine` when given.
     """
     start = time.perf_counter()
     if opt_level not in LEVELS:
@@ -103,14 +109,15 @@ def compile(  # noqa: A001 - the public name users expect
     if target not in registry.TARGETS:
         raise CompileError(f"unknown target {target!r} (choose from {', '.join(registry.TARGETS)})")
     flags = {name for name, on in (("fold-initializer-inputs", fold_initializer_inputs), ("fp16", fp16),
-                                   ("int8", int8)) if on}
+                                   ("int8", int8), ("prune", prune is not None)) if on}
     if int8 and calibration_data is None:
         raise CompileError("--int8 needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts)")
+    _check_prune(prune, prune_round, prune_min_cosine, calibration_data)
     # Verification bound for lossy outputs on the synthesized inputs. int8's fidelity target is
     # enforced by its pass on held-out calibration samples (real data); synthesized N(0, 1) inputs are
     # out of distribution for calibrated ranges, so there verification only requires finite outputs
     # and reports the cosine.
-    lossy_min_cosine = -1.0 if int8 else (FP16_MIN_COSINE if fp16 else None)
+    lossy_min_cosine = -1.0 if (int8 or prune is not None) else (FP16_MIN_COSINE if fp16 else None)
     if int8_reduce_range is None:
         int8_reduce_range = target == "cpu" and host.u8s8_saturates()
     options = {
@@ -122,6 +129,9 @@ def compile(  # noqa: A001 - the public name users expect
         "calibration_method": calibration_method,
         "int8_min_cosine": int8_min_cosine,
         "int8_reduce_range": int8_reduce_range,
+        "prune": prune,
+        "prune_round": prune_round,
+        "prune_min_cosine": prune_min_cosine,
         "input_shapes": input_shapes,
         # Passes must not import the compiler package; calibration gets its sessions from here.
         "make_session": verify.session,
@@ -184,6 +194,9 @@ def compile(  # noqa: A001 - the public name users expect
             "calibration_method": calibration_method if int8 else None,
             "int8_min_cosine": int8_min_cosine if int8 else None,
             "int8_reduce_range": int8_reduce_range if int8 else None,
+            "prune": prune,
+            "prune_round": prune_round if prune is not None else None,
+            "prune_min_cosine": prune_min_cosine if prune is not None else None,
         },
         "passes": records,
         "ops_before": ops_before,
@@ -203,6 +216,21 @@ def compile(  # noqa: A001 - the public name users expect
     graph.producer_name = "onnxopt"
     graph.producer_version = __version__
     return CompileResult(graph, rep, source)
+
+
+def _check_prune(prune, prune_round, prune_min_cosine, calibration_data) -> None:
+    """Bad pruning options fail before any work."""
+    if prune is None:
+        return
+    if isinstance(prune, bool) or not isinstance(prune, (int, float)) or not 0.0 < float(prune) < 1.0:
+        raise CompileError(f"--prune must be a fraction of the MACs strictly between 0 and 1 (got {prune!r})")
+    if isinstance(prune_round, bool) or not isinstance(prune_round, int) or prune_round < 1:
+        raise CompileError(f"--prune-round must be a positive integer (got {prune_round!r})")
+    if prune_min_cosine is not None and not -1.0 <= float(prune_min_cosine) <= 1.0:
+        raise CompileError(f"--prune-min-cosine must be in [-1, 1] (got {prune_min_cosine!r})")
+    if calibration_data is None:
+        raise CompileError("--prune needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts): "
+                           "which units matter and the reconstruction are measured on it")
 
 
 def _verify(ref: dict, graph: ir.Model, feeds, tolerance: float, records: list[dict],

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-reduce-range", choices=["auto", "on", "off"], default="auto",
                    help="7-bit weights, needed where u8 x s8 kernels saturate (x86 without VNNI); "
                         "auto: decided by this machine for --target cpu")
+    p.add_argument("--prune", type=float, metavar="F",
+                   help="structured pruning: remove the fraction F (0 < F < 1) of the prunable MACs "
+                        "(channels, FFN neurons, attention heads), reconstructed on --calibration-data")
+    p.add_argument("--prune-round", type=int, default=8, metavar="N",
+                   help="keep channel counts at multiples of N (default 8)")
+    p.add_argument("--prune-min-cosine", type=float, metavar="C",
+                   help="fidelity target on held-out calibration samples: prune less until it holds")
     p.add_argument("--enable", action="append", default=[], metavar="PASS", help="run this pass too")
     p.add_argument("--disable", action="append", default=[], metavar="PASS", help="do not run this pass")
     p.add_argument("-v", "--verbose", action="store_true", help="print every pass and declined match")
@@ -102,6 +109,9 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
         lines.append(f"  int8: {int8['quantized']} of {int8['quantized'] + int8['float']} layers quantized, {weights}; "
                      f"held-out min cosine {fid['held_out_min_cosine']:.5f} on {fid['held_out_samples']} samples, "
                      f"measured on {int8['fidelity_measured_on']}")
+    prune = next((p.get("details") for p in rep["passes"] if p["name"] == "prune" and p.get("details")), None)
+    if prune:
+        lines.append("  " + _prune_line(prune))
     ver = rep["verification"]
     if ver.get("enabled"):
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())
@@ -114,6 +124,16 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
         lines.append("  verification skipped (--no-verify)")
     lines.append(f"  time: {rep['time_s']['total']:.2f} s")
     return "\n".join(lines)
+
+
+def _prune_line(d: dict) -> str:
+    if "fidelity" not in d:
+        return f"prune: nothing removed ({d.get('result', 'no group was worth its cost')})"
+    units = ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in d["units"].items())
+    fid = d["fidelity"]
+    return (f"prune: {d['macs_removed_fraction']:.0%} of prunable MACs removed ({units} kept), "
+            f"held-out min cosine {fid['held_out_min_cosine']:.4f} (mean {fid['held_out_mean_cosine']:.4f}) "
+            f"on {fid['held_out_samples']} samples")
 
 
 def run_compile(args) -> int:
@@ -146,6 +166,9 @@ def run_compile(args) -> int:
         calibration_method=args.calibration_method,
         int8_min_cosine=args.int8_min_cosine,
         int8_reduce_range={"auto": None, "on": True, "off": False}[args.int8_reduce_range],
+        prune=args.prune,
+        prune_round=args.prune_round,
+        prune_min_cosine=args.prune_min_cosine,
     )
     result.save(out, external_data=True if args.external_data else None)
     result.report["time_s"]["total"] = round(time.perf_counter() - start, 4)
