@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# Ridge damping relative to the mean diagonal of the Gram matrix.
-DAMP = 1e-2
+# Ridge damping relative to the mean diagonal of the Gram matrix. Measured on MiniLM at 25% (held-out
+# sentences, pooled-embedding cosine min / mean): 0.01 -> 0.859 / 0.916, 0.1 -> 0.867 / 0.933,
+# 1.0 -> 0.894 / 0.934: calibration tokens are few and correlated, a strong pull toward the
+# dense weights generalizes best.
+DAMP = 1.0
 
 
 class Gram:
@@ -70,14 +73,18 @@ def _damped(g: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return g + lam * np.eye(g.shape[0])
 
 
+def _quad(w: np.ndarray, g: np.ndarray) -> float:
+    """tr(W^T G W)."""
+    return float(np.sum((g @ w) * w))
+
+
 def output_energy(w: np.ndarray, g: np.ndarray) -> float:
-    return max(float(np.einsum("kn,kl,ln->", w, g, w)), 1e-30)
+    return max(_quad(w, g), 1e-30)
 
 
 def zeroing_cost(w: np.ndarray, g: np.ndarray, rows: np.ndarray) -> float:
     """Relative output error of removing `rows` of W without refitting: tr(W_S^T G_SS W_S) / tr(W^T G W)."""
-    ws = w[rows]
-    return float(np.einsum("kn,kl,ln->", ws, g[np.ix_(rows, rows)], ws)) / output_energy(w, g)
+    return _quad(w[rows], g[np.ix_(rows, rows)]) / output_energy(w, g)
 
 
 class ObsConsumer:
@@ -96,6 +103,8 @@ class ObsConsumer:
     def unit_costs(self, units: np.ndarray) -> np.ndarray:
         """Relative cost of removing each unit alone (vectorized over units)."""
         b = self.block
+        if b == 1:
+            return np.sum(self.w[units] ** 2, axis=1) / np.diag(self.h)[units] / self.energy
         idx = (units[:, None] * b + np.arange(b)[None, :])  # [n, b]
         hjj = self.h[idx[:, :, None], idx[:, None, :]]  # [n, b, b]
         wj = self.w[idx]  # [n, b, N]
@@ -108,10 +117,11 @@ class ObsConsumer:
         hss = self.h[np.ix_(s, s)]
         ws = self.w[s]
         inv = np.linalg.inv(hss)
-        cost = float(np.einsum("kn,kl,ln->", ws, inv, ws)) / self.energy
+        cost = _quad(ws, inv) / self.energy
         hs = self.h[:, s]
-        self.w -= hs @ (inv @ ws)
-        self.h -= hs @ inv @ hs.T
+        hsi = hs @ inv
+        self.w -= hsi @ ws
+        self.h -= hsi @ hs.T
         # Removed rows are now exactly zero in W; pin them so later steps never choose them again.
         self.h[s, :] = 0.0
         self.h[:, s] = 0.0
@@ -136,10 +146,12 @@ def obs_order(consumers: list[ObsConsumer], units: int, chunks: list[int]) -> tu
     return order, costs
 
 
-def chunk_sizes(units: int, unit_channels: int, round_to: int, floor_units: int) -> list[int]:
+def chunk_sizes(units: int, unit_channels: int, round_to: int, floor_units: int, steps: int = 64) -> list[int]:
     """Sizes (in units) of successive removable chunks so that every kept count of channels is a
-    multiple of `round_to` where the units allow it; at least `floor_units` units stay."""
+    multiple of `round_to` where the units allow it; at least `floor_units` units stay. Large
+    groups get larger chunks (a multiple of the rounded size), about `steps` of them at most."""
     per = max(1, -(-round_to // unit_channels))  # units per chunk
+    per *= max(1, units // (per * steps))
     first = units % per
     sizes = ([first] if first else []) + [per] * (units // per)
     out, left = [], units

@@ -46,7 +46,7 @@ from onnxopt.passes.checks import constant_array
 from onnxopt.passes.registry import register
 
 HOLDOUT_EVERY = 5
-FIT_SAMPLES = 16
+FIT_SAMPLES = 8
 HELDOUT_SAMPLES = 32
 # Smallest fraction of a group's units that is always kept.
 MIN_KEEP = 0.1
@@ -176,7 +176,8 @@ class PrunePass(OptPass):
         t0 = time.perf_counter()
         round_to = int(opts.get("prune_round") or 8)
         min_cos = opts.get("prune_min_cosine")
-        make_session = opts.get("make_session")
+        # Data passes run onnxruntime with its optimizations on (fetched values stay exact enough).
+        make_session = opts.get("make_kernel_session") or opts.get("make_session")
         if make_session is None:
             raise CalibrationError("pruning needs a session factory (options['make_session'])")
         data = opts.get("calibration_data")
