@@ -203,6 +203,7 @@ class PrunePass(OptPass):
                 names = out_names + [v.name for v in values if v.name not in out_names]
                 got = probe.run(names, feed)
                 shapes = {n: tuple(a.shape) for n, a in zip(names, got)}
+                shapes.update({n: tuple(np.shape(a)) for n, a in feed.items()})
                 outs = got[: len(out_names)]
             elif (is_held and len(held) < HELDOUT_SAMPLES) or (not is_held and len(fit) < FIT_SAMPLES):
                 outs = probe.run(out_names, feed)
