@@ -8,6 +8,8 @@
 * minilm: all-MiniLM-L6-v2 (real weights), onnxopt -O3 output; cosine of mean-pooled embeddings
   of the 16 held-out sentences (bench/int8_bench.SENTENCES[26:]) dense vs pruned. Calibration:
   128 samples made only of the 26 calibration sentences (each alone and random pairs of them).
+* efficientnet: EfficientNet-Lite0 (ImageNet weights, BN folded by -O2), top-1 agreement with the
+  dense model on 200 random crops of scikit-image photos; calibration: 64 other crops.
 * Peers on the same models in the same run: onnxsim's apply_structured_wanda_pruning +
   apply_pruning_finetune on the form it can prune (onnxopt -O2 output for digits, -O3 for MiniLM),
   at several channel sparsities, with the MACs each result really removes; Torch-Pruning when the
@@ -175,6 +177,42 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
     return res
 
 
+def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_calib: int = 64, n_eval: int = 200) -> dict:
+    """Top-1 agreement with the dense model on random crops of scikit-image photos (other seeds than
+    the calibration crops)."""
+    import onnxopt
+    from onnxopt.bench import zoo
+    from onnxopt.bench.int8_bench import _photo_crops
+
+    path = zoo.build("efficientnet_lite0")
+    calib = [{"input": x} for x in _photo_crops(n_calib, seed=1)]
+    x_eval = np.concatenate(_photo_crops(n_eval, seed=2))
+
+    def top1(p):
+        s = _session(p)
+        return np.concatenate([s.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)]).argmax(1)
+
+    ref = top1(path)
+    dense = onnxopt.compile(str(path), opt_level=2, verify_outputs=False).save(tmp / "effnet-O2.onnx")
+    probe = {"input": x_eval[:1]}
+    base = model_macs(dense, probe)
+
+    def entry(p, info):
+        m = model_macs(p, probe)
+        return {"top1_agreement": float((top1(p) == ref).mean()), "macs_removed": _reduction(base, m, base.keys()),
+                **info}
+
+    res = {"eval_crops": n_eval, "calibration_crops": n_calib, "dense_macs": base}
+    for f in fractions:
+        p, info = _onnxopt(path, calib, tmp / f"e-{f}.onnx", opt_level=2, prune=f)
+        res[f"onnxopt_O2_prune{f}"] = entry(p, info)
+    if peers:
+        for s in (0.1, 0.2, 0.3):
+            p, info = _peer(_onnxsim, dense, calib[:32], tmp / f"e-sim-{s}.onnx", s)
+            res[f"onnxsim_O2_sparsity{s}"] = entry(p, info) if p else info
+    return res
+
+
 def markdown(results: dict) -> str:
     lines = ["| model | method | MACs removed | fidelity | compile s |", "|---|---|---|---|---|"]
     for key, val in results.get("digits", {}).items():
@@ -185,10 +223,14 @@ def markdown(results: dict) -> str:
         if isinstance(val, dict) and "min_cosine" in val:
             lines.append(f"| MiniLM-L6 | {key} | encoder {val['encoder_macs_removed']:.1%} | held-out cosine min "
                          f"{val['min_cosine']} / mean {val['mean_cosine']} | {val.get('compile_s')} |")
+    for key, val in results.get("efficientnet", {}).items():
+        if isinstance(val, dict) and "top1_agreement" in val:
+            lines.append(f"| EfficientNet-Lite0 | {key} | {val['macs_removed']:.1%} | top-1 agreement "
+                         f"{val['top1_agreement']:.1%} | {val.get('compile_s')} |")
     return "\n".join(lines) + "\n"
 
 
-BENCHES = {"digits": bench_digits, "minilm": bench_minilm}
+BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet}
 
 
 def main(argv=None) -> int:
