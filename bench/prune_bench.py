@@ -10,6 +10,7 @@
   128 samples made only of the 26 calibration sentences (each alone and random pairs of them).
 * efficientnet: EfficientNet-Lite0 (ImageNet weights, BN folded by -O2), top-1 agreement with the
   dense model on 200 random crops of scikit-image photos; calibration: 64 other crops.
+* memory: peak heap growth of pruning with 128 vs 1024 calibration samples (an .npz, streamed).
 * Peers on the same models in the same run: onnxsim's apply_structured_wanda_pruning +
   apply_pruning_finetune on the form it can prune (onnxopt -O2 output for digits, -O3 for MiniLM),
   at several channel sparsities, with the MACs each result really removes; Torch-Pruning when the
@@ -213,6 +214,30 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
     return res
 
 
+def bench_memory(tmp: Path, peers: bool) -> dict:
+    """Peak Python-heap growth (numpy included, via tracemalloc) of pruning the digits CNN with 128
+    and with 1024 calibration samples, given as an .npz file (streamed by the pass)."""
+    import tracemalloc
+
+    import onnxopt
+    from onnxopt.bench import zoo
+
+    path = zoo.build("digits_cnn")
+    x_tr = zoo.digits_data()[0]
+    res = {}
+    for n in (128, 1024):
+        npz = tmp / f"calib{n}.npz"
+        np.savez(npz, input=np.concatenate([x_tr] * 2)[:n])
+        tracemalloc.start()
+        t = time.perf_counter()
+        onnxopt.compile(str(path), opt_level=2, prune=0.3, calibration_data=str(npz), verify_outputs=False)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        res[f"samples_{n}"] = {"peak_mb": round(peak / 2**20, 2), "compile_s": round(time.perf_counter() - t, 1)}
+    res["peak_ratio_1024_vs_128"] = round(res["samples_1024"]["peak_mb"] / res["samples_128"]["peak_mb"], 3)
+    return res
+
+
 def markdown(results: dict) -> str:
     lines = ["| model | method | MACs removed | fidelity | compile s |", "|---|---|---|---|---|"]
     for key, val in results.get("digits", {}).items():
@@ -230,7 +255,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet}
+BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet,
+           "memory": bench_memory}
 
 
 def main(argv=None) -> int:
