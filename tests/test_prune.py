@@ -302,3 +302,12 @@ def test_allocate_reaches_budget_and_prefers_cheap():
 def test_chunk_sizes_keep_multiples():
     sizes = K.chunk_sizes(20, 1, 8, 2)
     assert sizes == [4, 8] and all((20 - sum(sizes[:i])) % 8 in (0, 4) for i in range(3))
+
+
+def test_prune_then_int8_composes():
+    data = [{"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)} for _ in range(30)]
+    result = onnxopt.compile(ffn(), opt_level=2, prune=0.3, int8=True, calibration_data=data, int8_min_cosine=0.0)
+    names = [p["name"] for p in result.report["passes"] if p["fired"]]
+    assert names.index("prune") < names.index("quantize_int8")
+    onnx.checker.check_model(result.model, full_check=True)
+    assert np.isfinite(run_ort(result.model, data[0])["y"]).all()
