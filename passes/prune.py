@@ -93,8 +93,7 @@ def _conv_attrs(node: ir.Node, w_shape):
     strides = tuple(a.get_ints("strides", (1,) * len(k)))
     dil = tuple(a.get_ints("dilations", (1,) * len(k)))
     pads = tuple(a.get_ints("pads", (0,) * 2 * len(k)))
-    auto = a.get_string("auto_pad", "NOTSET")
-    return k, strides, pads, dil, auto
+    return k, strides, pads, dil
 
 
 def _rows(c: G.Consumer, x: np.ndarray) -> np.ndarray:
@@ -102,7 +101,7 @@ def _rows(c: G.Consumer, x: np.ndarray) -> np.ndarray:
     if c.kind != "conv":
         return x.reshape(-1, x.shape[-1]) if c.kind == "matmul" else x.reshape(x.shape[0], -1)
     w = constant_array(c.node.inputs[1])
-    k, s, p, d, _ = _conv_attrs(c.node, w.shape)
+    k, s, p, d = _conv_attrs(c.node, w.shape)
     if len(k) == 2:
         return K.im2col(x, k, s, (p[0], p[1], p[2], p[3]), d)
     return K.im2col(x[..., None], (k[0], 1), (s[0], 1), (p[0], 0, p[1], 0), (d[0], 1))
@@ -307,7 +306,7 @@ class PrunePass(OptPass):
             if dense_session is None:
                 dense_session = _session(model, make_session, list(cvals.values()))
             trial = model.clone()
-            self._execute(trial, ok, orders, removed, shape_of, dense_session, make_session, consumers)
+            self._execute(trial, ok, orders, removed, shape_of, dense_session, make_session)
             cos = _cosines(_session(trial, make_session, []), held)
             reached = saving(removed) / prunable
             attempts.append({"budget": budget, "macs_removed": reached, "held_out_min_cosine": min(cos),
@@ -348,7 +347,7 @@ class PrunePass(OptPass):
         })
         return sum(1 for r in removed if r)
 
-    def _execute(self, model, groups_orig, orders, removed, shape_of, dense_session, make_session, consumers_orig):
+    def _execute(self, model, groups_orig, orders, removed, shape_of, dense_session, make_session):
         """Prune and refit, group by group, on `model` (a clone of the dense one)."""
         graph = model.graph
         groups = [g for g in G.find_groups(graph, shape_of) if not g.reason and g.units >= 2]

@@ -168,6 +168,8 @@ def _consumer(node: ir.Node, index: int, axis: int, shape, channels: int) -> Con
         w = _owned_const(node, 1, "weight")
         if axis != 1:
             raise Decline(f"Conv {node.name!r} reads the channels on axis {axis}")
+        if node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET" or w.ndim not in (3, 4):
+            raise Decline(f"Conv {node.name!r} with auto_pad or a {w.ndim - 2}-D kernel (its patches are not rebuilt)")
         return Consumer(node, "conv", int(np.prod(w.shape[2:])))
     if op == "MatMul":
         w = constant_array(node.inputs[1])

@@ -173,6 +173,11 @@ def test_declines_concat_grouped_layernorm_output():
               helper.make_node("Sub", ["m", "r"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["y"])],
              [_f("x", [1, 3, 4])], [_f("y", [1, 3, 4])], {"w": RNG.normal(size=(4, 8)), "w2": RNG.normal(size=(8, 4))},
              t, "reduces over the channel axis")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["c", "w2"], ["y"], auto_pad="SAME_UPPER")],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 4, 6, 6])],
+             {"w": RNG.normal(size=(8, 4, 1, 1)), "w2": RNG.normal(size=(4, 8, 3, 3))}, x, "auto_pad")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 6, 6, 8])], w, x, "which the grouping does not know")
 
 
 # ---- the pass -------------------------------------------------------------------------------
