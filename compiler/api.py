@@ -138,7 +138,7 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     `enable`, `disable`, `fold_initializer_inputs`, `verify_outputs`, `input_shapes`, `input_data`,
     `tolerance`, `inference_dropout`, `fp16`, `fp16_io`, `int8`, `calibration_data`,
     `calibration_samples`, `calibration_method`, `int8_min_cosine`, `int8_metric`, `int8_target`,
-    `int8_reduce_range`, `progress`, `base_dir`.
+    `int8_reduce_range`, `progress`, `prune`, `prune_round`, `prune_min_cosine`, `base_dir`.
 
     Raises CompileError with a one-line message on bad input, or when verification finds that an
     exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
@@ -156,7 +156,10 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     enforces, at `int8_target` (default: `int8_min_cosine` for cosine, 0.98 top-1 agreement, 0.1
     relative error); see onnxopt.kernels.fidelity. A model below opset 13 is upgraded to 13 for int8
     (per-channel QuantizeLinear), the upgrade verified on its own. `progress(stage, done, total)` is
-    called as calibration and the fidelity control advance.
+    called as calibration and the fidelity control advance. `prune=F` (with `calibration_data`)
+    removes the fraction F of the prunable MACs by structured pruning with reconstruction
+    (onnxopt.passes.prune), kept counts rounded to multiples of `prune_round`, backing off until the
+    held-out min cosine reaches `prune_min_cosine` when given.
     """
     if options is None:
         options = CompileOptions.from_keywords(opt_level=opt_level, target=target, **keywords)
@@ -195,17 +198,20 @@ class _Compile:
         o = self.opts
         if o.int8 and o.calibration_data is None:
             raise CompileError("--int8 needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts)")
+        if o.prune is not None and o.calibration_data is None:
+            raise CompileError("--prune needs --calibration-data (an .npz, a folder of .npz/.npy, or feed dicts): "
+                               "which units matter and the reconstruction are measured on it")
         # Verification bound for lossy outputs on the synthesized inputs. int8's fidelity target is
         # enforced by its pass on held-out calibration samples (real data); synthesized N(0, 1) inputs
         # are out of distribution for calibrated ranges, so there verification only requires finite
         # outputs and reports the cosine.
-        self.lossy_min_cosine = -1.0 if o.int8 else (FP16_MIN_COSINE if o.fp16 else None)
+        self.lossy_min_cosine = -1.0 if (o.int8 or o.prune is not None) else (FP16_MIN_COSINE if o.fp16 else None)
         if plugins.load_errors:
             entry, error = plugins.load_errors[0]
             raise CompileError(f"plugin pass package {entry!r} (entry point group {plugins.ENTRY_POINT_GROUP!r}) "
                                f"failed to load: {error}")
         flags = {name for name, on in (("fold-initializer-inputs", o.fold_initializer_inputs), ("fp16", o.fp16),
-                                       ("int8", o.int8)) if on}
+                                       ("int8", o.int8), ("prune", o.prune is not None)) if on}
         try:
             return registry.select(o.opt_level, o.target, enable=o.enable, disable=o.disable, flags=flags)
         except KeyError as exc:

@@ -81,6 +81,9 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
                          f"declined {p['declined_count']}")
             lines += [f"      declined {d['rule']} at {d['node']} ({d['op']}): {d['reason']}" for d in p["declined"]]
     lines += _int8_lines(rep)
+    prune = next((p.get("details") for p in rep["passes"] if p["name"] == "prune" and p.get("details")), None)
+    if prune:
+        lines.append("  " + _prune_line(prune))
     ver = rep["verification"]
     if ver.get("enabled"):
         shapes = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ver["input_shapes"].items())
@@ -100,6 +103,16 @@ def _summary(rep: dict, out: Path, verbose: bool) -> str:
         lines.append("  verification skipped (--no-verify)")
     lines.append(f"  time: {rep['time_s']['total']:.2f} s")
     return "\n".join(lines)
+
+
+def _prune_line(d: dict) -> str:
+    if "fidelity" not in d:
+        return f"prune: nothing removed ({d.get('result', 'no group was worth its cost')})"
+    units = ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in d["units"].items())
+    fid = d["fidelity"]
+    return (f"prune: {d['macs_removed_fraction']:.0%} of prunable MACs removed ({units} kept), "
+            f"held-out min cosine {fid['held_out_min_cosine']:.4f} (mean {fid['held_out_mean_cosine']:.4f}) "
+            f"on {fid['held_out_samples']} samples")
 
 
 def _int8_figure(metric: str, s: dict) -> str:

@@ -170,6 +170,21 @@ class CompileOptions:
         Cli(("--int8-reduce-range",), dict(choices=["auto", "on", "off"], default="auto",
                                            help="7-bit weights, needed where u8 x s8 kernels saturate (x86 without "
                                                 "VNNI); auto: decided by this machine for --target cpu"), _tristate))
+    prune: float | None = option(
+        None, lambda x: x is None or (_is_real(x) and 0.0 < float(x) < 1.0), "a fraction",
+        Cli(("--prune",), dict(type=float, metavar="F", help="structured pruning: remove the fraction F (0 < F < 1) "
+                               "of the prunable MACs (channels, FFN neurons, attention heads), reconstructed on "
+                               "--calibration-data")),
+        message="--prune must be a fraction of the MACs strictly between 0 and 1 (got {value!r})")
+    prune_round: int = option(
+        8, lambda x: _is_int(x) and x >= 1, "a positive integer",
+        Cli(("--prune-round",), dict(type=int, metavar="N", help="keep channel counts at multiples of N (default 8)")),
+        message="--prune-round must be a positive integer (got {value!r})")
+    prune_min_cosine: float | None = option(
+        None, lambda x: x is None or (_is_real(x) and -1.0 <= float(x) <= 1.0), "a number from -1 to 1",
+        Cli(("--prune-min-cosine",), dict(type=float, metavar="C", help="fidelity target on held-out calibration "
+                                          "samples: prune less until it holds")),
+        message="--prune-min-cosine must be in [-1, 1] (got {value!r})")
     base_dir: object = option(None, lambda x: x is None or isinstance(x, (str, os.PathLike)), "None or a folder path",
                               report=False)
 
@@ -202,7 +217,10 @@ class CompileOptions:
             if not f.metadata["report"]:
                 continue
             value = getattr(self, f.name)
-            if f.name.startswith(("int8_", "calibration_")) and not self.int8:
+            # Options of a lossy pass are reported only when it ran.
+            if ((f.name.startswith("int8_") and not self.int8)
+                    or (f.name.startswith("calibration_") and not (self.int8 or self.prune is not None))
+                    or (f.name.startswith("prune_") and self.prune is None)):
                 value = None
             out["verify" if f.name == "verify_outputs" else f.name] = sorted(value) if isinstance(value, tuple) else value
         return out

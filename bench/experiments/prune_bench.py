@@ -1,0 +1,283 @@
+"""Structured pruning benchmark on real trained weights: onnxopt beside onnxsim 0.8 and Torch-Pruning.
+
+`python -m onnxopt.bench.experiments.prune_bench [--models digits,minilm] [--no-peers] [-o out.json]`
+
+* digits: the trained digits CNN (bench/zoo.py), test accuracy on the 450-image test split;
+  calibration: 320 training images. onnxopt at --prune 0.3 / 0.5 (with --prune-round 4: the
+  layers have 16 and 32 channels, multiples of 8 cannot approach 30%) and at the default round 8.
+* minilm: all-MiniLM-L6-v2 (real weights), onnxopt -O3 output; cosine of mean-pooled embeddings
+  of the 16 held-out sentences (bench/int8_bench.SENTENCES[26:]) dense vs pruned. Calibration:
+  128 samples made only of the 26 calibration sentences (each alone and random pairs of them).
+* efficientnet: EfficientNet-Lite0 (ImageNet weights, BN folded by -O2), top-1 agreement with the
+  dense model on 200 random crops of scikit-image photos; calibration: 64 other crops.
+* memory: peak heap growth of pruning with 128 vs 1024 calibration samples (an .npz, streamed).
+* Peers on the same models in the same run: onnxsim's apply_structured_wanda_pruning +
+  apply_pruning_finetune on the form it can prune (onnxopt -O2 output for digits, -O3 for MiniLM),
+  at several channel sparsities, with the MACs each result really removes; Torch-Pruning when the
+  package is installed (magnitude importance, no fine-tuning, exported with torch.onnx).
+
+MACs: Conv/MatMul/Gemm/Attention multiply-accumulates of one batch-1 run, counted on each model
+file the same way (onnxopt.passes.prune's counter at probe shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onnxopt.bench.fingerprint import machine
+from onnxopt.bench.int8_bench import SENTENCES, N_CALIB_SENTENCES, _cos, _embed, _minilm_feeds, _peer, _session
+
+
+def model_macs(path, feed) -> dict:
+    """MACs of the layers of `path` on one run of `feed`, by op."""
+    import onnx_ir as ir
+
+    from onnxopt import verify
+    from onnxopt.passes.prune import _macs, _session as with_outputs
+
+    model = ir.load(str(path))
+    values = [v for n in model.graph for v in n.outputs if v.name]
+    sess = with_outputs(model, verify.session, values)
+    names = [v.name for v in values]
+    shapes = {n: a.shape for n, a in zip(names, sess.run(names, feed))}
+    shapes.update({k: np.shape(v) for k, v in feed.items()})
+    by_op: dict[str, float] = {}
+    for node in model.graph:
+        m = _macs(node, lambda v: shapes.get(v.name) if v is not None else None)
+        if m:
+            by_op[node.op_type] = by_op.get(node.op_type, 0.0) + m
+    return by_op
+
+
+def _onnxopt(path, feeds, out: Path, **kw):
+    import onnxopt
+
+    t = time.perf_counter()
+    result = onnxopt.compile(str(path), calibration_data=feeds, verify_outputs=False, **kw)
+    elapsed = time.perf_counter() - t
+    result.save(out)
+    d = next(r for r in result.report["passes"] if r["name"] == "prune")["details"]
+    return out, {"compile_s": round(elapsed, 1), "macs_removed_of_prunable": round(d.get("macs_removed_fraction", 0), 4),
+                 "units": d.get("units"), "params": [d.get("params_before"), d.get("params_after")],
+                 "calibration_fidelity": d.get("fidelity")}
+
+
+def _onnxsim(dense_path, feeds, out: Path, sparsity: float):
+    import onnx
+    from onnxsim.finetune import apply_pruning_finetune
+    from onnxsim.pruning import apply_structured_wanda_pruning
+
+    t = time.perf_counter()
+    pruned = apply_structured_wanda_pruning(str(dense_path), calibration_data=feeds, sparsity=sparsity)
+    tuned = apply_pruning_finetune(str(dense_path), pruned, calibration_data=feeds)
+    onnx.save(tuned, str(out))
+    return out, {"compile_s": round(time.perf_counter() - t, 1), "sparsity": sparsity}
+
+
+def _torch_pruning_digits(out: Path, ratio: float):
+    """Torch-Pruning on the torch digits CNN: L2 magnitude importance, global ranking off, no
+    fine-tuning; the classifier's outputs are kept; exported with the legacy exporter."""
+    import torch
+    import torch_pruning as tp
+
+    from onnxopt.bench import zoo
+
+    t = time.perf_counter()
+    module, _, _ = zoo.torch_module("digits_cnn")
+    module.eval()
+    example = torch.zeros(1, 1, 8, 8)
+    pruner = tp.pruner.MagnitudePruner(module, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=ratio, ignored_layers=[module[-1]])
+    pruner.step()
+    torch.onnx.export(module, (example,), str(out), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=14, dynamo=False)
+    return out, {"compile_s": round(time.perf_counter() - t, 1), "pruning_ratio": ratio}
+
+
+def _reduction(base: dict, got: dict, ops) -> float:
+    b = sum(v for k, v in base.items() if k in ops)
+    g = sum(v for k, v in got.items() if k in ops)
+    return round(1.0 - g / b, 4) if b else 0.0
+
+
+def bench_digits(tmp: Path, peers: bool) -> dict:
+    import onnxopt
+    from onnxopt.bench import zoo
+
+    path = zoo.build("digits_cnn")
+    x_tr, _, x_te, y_te = zoo.digits_data()
+    feeds = [{"input": x_tr[i : i + 1]} for i in range(320)]
+    probe = {"input": x_te[:1]}
+
+    def acc(p):
+        return float((_session(p).run(None, {"input": x_te})[0].argmax(1) == y_te).mean())
+
+    dense = onnxopt.compile(str(path), opt_level=2, verify_outputs=False).save(tmp / "digits-O2.onnx")
+    base = model_macs(dense, probe)
+    res = {"fp32_accuracy": acc(path), "dense_macs": base}
+
+    def entry(p, info):
+        m = model_macs(p, probe)
+        return {"accuracy": acc(p), "conv_macs_removed": _reduction(base, m, ("Conv",)),
+                "all_macs_removed": _reduction(base, m, base.keys()), **info}
+
+    for f, rnd in ((0.3, 4), (0.5, 4), (0.3, 8), (0.5, 8)):
+        p, info = _onnxopt(path, feeds, tmp / f"d-{f}-{rnd}.onnx", opt_level=2, prune=f, prune_round=rnd)
+        res[f"onnxopt_prune{f}_round{rnd}"] = entry(p, info)
+    if peers:
+        for s in (0.1, 0.2, 0.3, 0.5):
+            p, info = _peer(_onnxsim, dense, feeds[:64], tmp / f"d-sim-{s}.onnx", s)
+            res[f"onnxsim_sparsity{s}"] = entry(p, info) if p else info
+        for r in (0.2, 0.3, 0.5):
+            p, info = _peer(_torch_pruning_digits, tmp / f"d-tp-{r}.onnx", r)
+            res[f"torch_pruning_magnitude_ratio{r}"] = entry(p, info) if p else info
+    return res
+
+
+def _minilm_calibration(n: int = 128, seed: int = 0):
+    base = SENTENCES[:N_CALIB_SENTENCES]
+    pairs = [a + " " + b for a, b in itertools.permutations(base, 2)]
+    rng = np.random.default_rng(seed)
+    return _minilm_feeds(list(base) + [pairs[i] for i in rng.choice(len(pairs), n - len(base), replace=False)])
+
+
+def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
+    import onnxopt
+    from onnxopt.bench import zoo
+
+    path = zoo.build("minilm")
+    calib = _minilm_calibration()
+    held = _minilm_feeds(SENTENCES[N_CALIB_SENTENCES:])
+    ref = _embed(_session(path), held)
+    dense = onnxopt.compile(str(path), opt_level=3, verify_outputs=False).save(tmp / "minilm-O3.onnx")
+    base = model_macs(dense, held[0])
+
+    def entry(p, info):
+        got = _embed(_session(p), held)
+        cos = [_cos(a, b) for a, b in zip(ref, got)]
+        m = model_macs(p, held[0])
+        return {"min_cosine": round(min(cos), 4), "mean_cosine": round(float(np.mean(cos)), 4),
+                "encoder_macs_removed": _reduction(base, m, ("MatMul", "Attention")), "file_mb":
+                round(Path(p).stat().st_size / 2**20, 1) if Path(p).exists() else None, **info}
+
+    res = {"held_out_sentences": len(held), "calibration_samples": len(calib), "dense_macs": base}
+    for f in fractions:
+        p, info = _onnxopt(path, calib, tmp / f"m-{f}.onnx", opt_level=3, prune=f)
+        res[f"onnxopt_O3_prune{f}"] = entry(p, info)
+    if peers:
+        for s in (0.25, 0.5):
+            p, info = _peer(_onnxsim, dense, calib[:64], tmp / f"m-sim-{s}.onnx", s)
+            res[f"onnxsim_O3_sparsity{s}"] = entry(p, info) if p else info
+    return res
+
+
+def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_calib: int = 64, n_eval: int = 200) -> dict:
+    """Top-1 agreement with the dense model on random crops of scikit-image photos (other seeds than
+    the calibration crops)."""
+    import onnxopt
+    from onnxopt.bench import zoo
+    from onnxopt.bench.int8_bench import _photo_crops
+
+    path = zoo.build("efficientnet_lite0")
+    calib = [{"input": x} for x in _photo_crops(n_calib, seed=1)]
+    x_eval = np.concatenate(_photo_crops(n_eval, seed=2))
+
+    def top1(p):
+        s = _session(p)
+        return np.concatenate([s.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)]).argmax(1)
+
+    ref = top1(path)
+    dense = onnxopt.compile(str(path), opt_level=2, verify_outputs=False).save(tmp / "effnet-O2.onnx")
+    probe = {"input": x_eval[:1]}
+    base = model_macs(dense, probe)
+
+    def entry(p, info):
+        m = model_macs(p, probe)
+        return {"top1_agreement": float((top1(p) == ref).mean()), "macs_removed": _reduction(base, m, base.keys()),
+                **info}
+
+    res = {"eval_crops": n_eval, "calibration_crops": n_calib, "dense_macs": base}
+    for f in fractions:
+        p, info = _onnxopt(path, calib, tmp / f"e-{f}.onnx", opt_level=2, prune=f)
+        res[f"onnxopt_O2_prune{f}"] = entry(p, info)
+    if peers:
+        for s in (0.1, 0.2, 0.3):
+            p, info = _peer(_onnxsim, dense, calib[:32], tmp / f"e-sim-{s}.onnx", s)
+            res[f"onnxsim_O2_sparsity{s}"] = entry(p, info) if p else info
+    return res
+
+
+def bench_memory(tmp: Path, peers: bool) -> dict:
+    """Peak Python-heap growth (numpy included, via tracemalloc) of pruning the digits CNN with 128
+    and with 1024 calibration samples, given as an .npz file (streamed by the pass)."""
+    import tracemalloc
+
+    import onnxopt
+    from onnxopt.bench import zoo
+
+    path = zoo.build("digits_cnn")
+    x_tr = zoo.digits_data()[0]
+    res = {}
+    for n in (128, 1024):
+        npz = tmp / f"calib{n}.npz"
+        np.savez(npz, input=np.concatenate([x_tr] * 2)[:n])
+        tracemalloc.start()
+        t = time.perf_counter()
+        onnxopt.compile(str(path), opt_level=2, prune=0.3, calibration_data=str(npz), verify_outputs=False)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        res[f"samples_{n}"] = {"peak_mb": round(peak / 2**20, 2), "compile_s": round(time.perf_counter() - t, 1)}
+    res["peak_ratio_1024_vs_128"] = round(res["samples_1024"]["peak_mb"] / res["samples_128"]["peak_mb"], 3)
+    return res
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | method | MACs removed | fidelity | compile s |", "|---|---|---|---|---|"]
+    for key, val in results.get("digits", {}).items():
+        if isinstance(val, dict) and "accuracy" in val:
+            lines.append(f"| digits CNN | {key} | conv {val['conv_macs_removed']:.1%} | accuracy {val['accuracy']:.2%} "
+                         f"(fp32 {results['digits']['fp32_accuracy']:.2%}) | {val.get('compile_s')} |")
+    for key, val in results.get("minilm", {}).items():
+        if isinstance(val, dict) and "min_cosine" in val:
+            lines.append(f"| MiniLM-L6 | {key} | encoder {val['encoder_macs_removed']:.1%} | held-out cosine min "
+                         f"{val['min_cosine']} / mean {val['mean_cosine']} | {val.get('compile_s')} |")
+    for key, val in results.get("efficientnet", {}).items():
+        if isinstance(val, dict) and "top1_agreement" in val:
+            lines.append(f"| EfficientNet-Lite0 | {key} | {val['macs_removed']:.1%} | top-1 agreement "
+                         f"{val['top1_agreement']:.1%} | {val.get('compile_s')} |")
+    return "\n".join(lines) + "\n"
+
+
+BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet,
+           "memory": bench_memory}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.prune_bench")
+    ap.add_argument("--models", default=",".join(BENCHES))
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("-o", "--output", help="JSON results; a markdown table is written beside it (.md)")
+    args = ap.parse_args(argv)
+    results = {"machine": machine(), "note": "2-core machine shared with other jobs: compile times under contention"}
+    with tempfile.TemporaryDirectory() as d:
+        for name in args.models.split(","):
+            started = time.perf_counter()
+            results[name] = {**BENCHES[name](Path(d), not args.no_peers),
+                             "bench_s": round(time.perf_counter() - started, 1)}
+            print(json.dumps({name: results[name]}, indent=1, default=str), flush=True)
+    if args.output:
+        out = Path(args.output)
+        out.write_text(json.dumps(results, indent=1, default=str))
+        out.with_suffix(".md").write_text(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

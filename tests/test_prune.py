@@ -1,0 +1,317 @@
+"""Structured pruning: dependency groups (zeroing == removing), declines with reasons, the pass
+end to end through the CLI and the library, and the numpy math."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxopt
+from onnxopt.cli import main
+from onnxopt.errors import CompileError
+from onnxopt.kernels import pruning as K
+from onnxopt.passes import prune_groups as G
+
+from oracle import run_ort
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits, opset=17, ms=False):
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    ops = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
+    m = helper.make_model(graph, opset_imports=ops)
+    m.ir_version = 8
+    return m
+
+
+def _f(name, shape):
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+
+def cnn_residual():
+    """conv1 -> relu -> [conv2 -> relu -> dw -> relu -> conv3] + conv1 residual -> SE gate -> conv4 -> GAP -> Flatten -> Gemm."""
+    c = 8
+    inits = {"w1": RNG.normal(size=(c, 3, 3, 3)), "b1": RNG.normal(size=c), "w2": RNG.normal(size=(16, c, 1, 1)),
+             "b2": RNG.normal(size=16), "wd": RNG.normal(size=(16, 1, 3, 3)), "bd": RNG.normal(size=16),
+             "w3": RNG.normal(size=(c, 16, 1, 1)), "b3": RNG.normal(size=c), "s": RNG.normal(size=(1, c, 1, 1)),
+             "wse1": RNG.normal(size=(4, c, 1, 1)), "wse2": RNG.normal(size=(c, 4, 1, 1)),
+             "w4": RNG.normal(size=(16, c, 3, 3)), "wg": RNG.normal(size=(5, 16 * 4 * 4)), "bg": RNG.normal(size=5)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("Clip", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "wd", "bd"], ["d"], group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["d"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w3", "b3"], ["c3"]),
+        helper.make_node("Add", ["c3", "r1"], ["res"]),
+        helper.make_node("Mul", ["res", "s"], ["scaled"]),
+        helper.make_node("GlobalAveragePool", ["scaled"], ["sq"]),
+        helper.make_node("Conv", ["sq", "wse1"], ["e1"]),
+        helper.make_node("Relu", ["e1"], ["e1r"]),
+        helper.make_node("Conv", ["e1r", "wse2"], ["e2"]),
+        helper.make_node("Sigmoid", ["e2"], ["gate"]),
+        helper.make_node("Mul", ["scaled", "gate"], ["gated"]),
+        helper.make_node("Conv", ["gated", "w4"], ["c4"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c4"], ["r4"]),
+        helper.make_node("MaxPool", ["r4"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["fl"]),
+        helper.make_node("Gemm", ["fl", "wg", "bg"], ["y"], transB=1),
+    ]
+    return _model(nodes, [_f("x", [1, 3, 8, 8])], [_f("y", [1, 5])], inits)
+
+
+def ffn(act="Gelu"):
+    d, h = 16, 24
+    inits = {"w1": RNG.normal(size=(d, h)) / 4, "b1": RNG.normal(size=h), "w2": RNG.normal(size=(h, d)) / 4,
+             "b2": RNG.normal(size=d)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Erf", ["a1"], ["e"]), helper.make_node("Mul", ["a1", "e"], ["g"]),
+             helper.make_node("MatMul", ["g", "w2"], ["m2"]), helper.make_node("Add", ["m2", "b2"], ["y"])]
+    return _model(nodes, [_f("x", [1, 6, d])], [_f("y", [1, 6, d])], inits)
+
+
+def fused_attention():
+    d, heads, s = 16, 4, 6
+    inits = {"wqkv": RNG.normal(size=(d, 3 * d)) / 4, "bqkv": RNG.normal(size=3 * d) / 4,
+             "wo": RNG.normal(size=(d, d)) / 4, "bo": RNG.normal(size=d)}
+    nodes = [helper.make_node("Attention", ["x", "wqkv", "bqkv"], ["att"], domain="com.microsoft", num_heads=heads),
+             helper.make_node("MatMul", ["att", "wo"], ["m"]), helper.make_node("Add", ["m", "bo"], ["y"])]
+    return _model(nodes, [_f("x", [1, s, d])], [_f("y", [1, s, d])], inits, ms=True)
+
+
+def _groups(proto, feeds):
+    model = ir.serde.deserialize_model(proto)
+    graph = model.graph
+    values = [v for n in graph for v in n.outputs]
+    for v in values:
+        if not v.is_graph_output():
+            graph.outputs.append(v)
+    got = run_ort(ir.serde.serialize_model(model), feeds)
+    for v in values:
+        if v in graph.outputs and v.name not in [o.name for o in proto.graph.output]:
+            graph.outputs.remove(v)
+    shapes = {k: a.shape for k, a in got.items()}
+    return model, G.find_groups(graph, lambda v: shapes.get(v.name) if v is not None else None)
+
+
+def _zero_equals_remove(proto, feeds, kind):
+    model, groups = _groups(proto, feeds)
+    ref = run_ort(proto, feeds)
+    tested = 0
+    for i, g in enumerate(groups):
+        if g.reason or g.kind != kind:
+            continue
+        drop_units = np.arange(0, g.units, 2)
+        drop = G.unit_channels(g, drop_units)
+        keep = G.unit_channels(g, sorted(set(range(g.units)) - set(drop_units)))
+        undo = G.zero(model.graph, g, drop)
+        zeroed = run_ort(ir.serde.serialize_model(model), feeds)
+        undo()
+        assert all(np.allclose(run_ort(ir.serde.serialize_model(model), feeds)[k], ref[k]) for k in ref)
+        copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        _, groups2 = _groups(ir.serde.serialize_model(copy), feeds)
+        model2, groups2 = _groups(ir.serde.serialize_model(copy), feeds)
+        G.apply(model2.graph, groups2[i], keep)
+        pruned = ir.serde.serialize_model(model2)
+        onnx.checker.check_model(pruned, full_check=True)
+        removed = run_ort(pruned, feeds)
+        for k in ref:
+            np.testing.assert_allclose(removed[k], zeroed[k], rtol=1e-4, atol=1e-4)
+        tested += 1
+    assert tested, f"no {kind} group found: {[(g.kind, g.reason) for g in groups]}"
+
+
+def test_conv_groups_residual_depthwise_se_flatten():
+    proto = cnn_residual()
+    feeds = {"x": RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    _, groups = _groups(proto, feeds)
+    kinds = {g.kind: g for g in groups if not g.reason}
+    # conv1 + conv3 + the SE expand conv share the residual / gated stream; conv2 feeds the depthwise conv.
+    stream = kinds["residual stream"]
+    assert {p.node.name or p.node.outputs[0].name for p in stream.producers} == {"c1", "c3", "e2"} or len(stream.producers) == 3
+    assert any(g.depthwise for g in groups if not g.reason)
+    assert any(c.flatten is not None for g in groups if not g.reason for c in g.consumers)
+    _zero_equals_remove(proto, feeds, "residual stream")
+    _zero_equals_remove(proto, feeds, "channels")
+
+
+def test_ffn_neurons_zero_equals_remove():
+    _zero_equals_remove(ffn(), {"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)}, "neurons")
+
+
+def test_fused_attention_heads_zero_equals_remove():
+    proto = fused_attention()
+    feeds = {"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)}
+    _zero_equals_remove(proto, feeds, "heads")
+
+
+def _decline(nodes, inputs, outputs, inits, feeds, expect):
+    proto = _model(nodes, inputs, outputs, inits)
+    _, groups = _groups(proto, feeds)
+    reasons = [g.reason for g in groups if g.reason]
+    assert any(expect in r for r in reasons), reasons
+
+
+def test_declines_concat_grouped_layernorm_output():
+    x = {"x": RNG.normal(size=(1, 4, 6, 6)).astype(np.float32)}
+    w = {"w": RNG.normal(size=(8, 4, 1, 1)), "wg": RNG.normal(size=(8, 4, 1, 1))}
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Concat", ["c", "c"], ["y"], axis=1)],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 16, 6, 6])], w, x, "Concat")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["c", "wg"], ["y"], group=2)],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x, "grouped Conv")
+    _decline([helper.make_node("Conv", ["x", "w"], ["y"])], [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x,
+             "graph output")
+    t = {"x": RNG.normal(size=(1, 3, 4)).astype(np.float32)}
+    _decline([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("ReduceMean", ["m"], ["r"], axes=[-1]),
+              helper.make_node("Sub", ["m", "r"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["y"])],
+             [_f("x", [1, 3, 4])], [_f("y", [1, 3, 4])], {"w": RNG.normal(size=(4, 8)), "w2": RNG.normal(size=(8, 4))},
+             t, "reduces over the channel axis")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["c", "w2"], ["y"], auto_pad="SAME_UPPER")],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 4, 6, 6])],
+             {"w": RNG.normal(size=(8, 4, 1, 1)), "w2": RNG.normal(size=(4, 8, 3, 3))}, x, "auto_pad")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 6, 6, 8])], w, x, "which the grouping does not know")
+
+
+# ---- the pass -------------------------------------------------------------------------------
+
+
+def _calib(n=40, shape=(1, 3, 8, 8)):
+    return [{"x": RNG.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def test_prune_pass_cnn_lossy_oracle():
+    proto = cnn_residual()
+    result = onnxopt.compile(proto, opt_level=2, prune=0.3, calibration_data=_calib())
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    rec = next(p for p in result.report["passes"] if p["name"] == "prune")
+    d = rec["details"]
+    assert d["macs_removed_fraction"] >= 0.3
+    assert 0.0 < d["fidelity"]["held_out_min_cosine"] <= 1.0
+    feeds = _calib(1)[0]
+    got = run_ort(out, feeds)["y"]
+    assert np.isfinite(got).all()
+    # Physically smaller: fewer parameters.
+    assert d["params_after"] < d["params_before"]
+
+
+def test_prune_ffn_kept_multiple_of_round():
+    proto = ffn()
+    data = [{"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)} for _ in range(30)]
+    result = onnxopt.compile(proto, opt_level=2, prune=0.3, prune_round=8, calibration_data=data)
+    d = next(p for p in result.report["passes"] if p["name"] == "prune")["details"]
+    g = d["groups"][0]
+    assert g["kept"] % 8 == 0 and g["kept"] < g["units"]
+    # Reconstruction beats plain removal of the same units.
+    assert d["fidelity"]["held_out_min_cosine"] > 0.5
+
+
+def test_refit_improves_over_no_refit():
+    """The refitted pruned FFN is closer to the dense one than the same units just zeroed."""
+    proto = ffn()
+    data = [{"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)} for _ in range(60)]
+    result = onnxopt.compile(proto, opt_level=2, prune=0.4, calibration_data=data)
+    d = next(p for p in result.report["passes"] if p["name"] == "prune")["details"]
+    assert d["fidelity"]["held_out_min_cosine"] > 0.8
+
+
+def test_nothing_prunable_compiles_and_says_why():
+    proto = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])],
+                   {"w": RNG.normal(size=(8, 4, 1, 1))})
+    result = onnxopt.compile(proto, opt_level=2, prune=0.3, calibration_data=_calib(10, (1, 4, 6, 6)))
+    d = next(p for p in result.report["passes"] if p["name"] == "prune")["details"]
+    assert "nothing prunable" in d["result"] and "graph output" in d["result"]
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.2])
+def test_prune_fraction_outside_range(bad):
+    with pytest.raises(CompileError, match="strictly between 0 and 1"):
+        onnxopt.compile(ffn(), prune=bad, calibration_data=[])
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(ffn(), path)
+    out = tmp_path / "o.onnx"
+    assert main([str(path), "-o", str(out), "--prune", "1.2"]) == 1
+    assert main([str(path), "-o", str(out), "--prune", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "strictly between 0 and 1" in err and "--prune needs --calibration-data" in err
+    assert "Traceback" not in err and not out.exists()
+    np.savez(tmp_path / "c.npz", x=RNG.normal(size=(20, 1, 6, 16)).astype(np.float32))
+    assert main([str(path), "-o", str(out), "--prune", "0.6", "--prune-min-cosine", "0.99999999",
+                 "--calibration-data", str(tmp_path / "c.npz")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be met" in err and "held-out min cosine" in err and not out.exists()
+    assert main([str(path), "-o", str(out), "--prune", "0.3", "--calibration-data", str(tmp_path / "c.npz")]) == 0
+    assert "prune: " in capsys.readouterr().out and out.exists()
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+def test_im2col_matches_conv():
+    x = RNG.normal(size=(2, 3, 7, 6)).astype(np.float32)
+    w = RNG.normal(size=(4, 3, 3, 2)).astype(np.float32)
+    proto = _model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 0, 1, 1], strides=[2, 1])],
+                   [_f("x", list(x.shape))], [_f("y", None)], {"w": w})
+    y = run_ort(proto, {"x": x})["y"]
+    cols = K.im2col(x, (3, 2), (2, 1), (1, 0, 1, 1), (1, 1))
+    got = (cols @ w.reshape(4, -1).T).reshape(2, y.shape[2], y.shape[3], 4).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
+
+
+def test_obs_cost_matches_brute_force_refit():
+    a = RNG.normal(size=(500, 6)) @ RNG.normal(size=(6, 6))
+    w = RNG.normal(size=(6, 3))
+    g = a.T @ a / len(a)
+    c = K.ObsConsumer(w, g, block=1)
+    c.h = np.linalg.inv(g)  # undamped, to compare with exact least squares
+    cost = c.remove([2])
+    keep = [0, 1, 3, 4, 5]
+    fit, *_ = np.linalg.lstsq(a[:, keep], a @ w, rcond=None)
+    brute = np.sum((a[:, keep] @ fit - a @ w) ** 2) / len(a) / K.output_energy(w, g)
+    assert cost == pytest.approx(brute, rel=1e-6)
+
+
+def test_ridge_refit_recovers_exact_solution_with_bias():
+    a = RNG.normal(size=(400, 5))
+    w, b = RNG.normal(size=(5, 2)), RNG.normal(size=2)
+    gram = K.Gram(5, 5, bias=True)
+    for chunk in np.array_split(a, 7):  # streamed
+        gram.update(chunk, chunk)
+    w2, b2 = K.ridge_refit(gram, w, b, w, b, damp=1e-9)
+    np.testing.assert_allclose(w2, w, atol=1e-4)
+    np.testing.assert_allclose(b2, b, atol=1e-4)
+
+
+def test_allocate_reaches_budget_and_prefers_cheap():
+    chunks = [[1, 1, 1], [1, 1, 1]]
+    costs = [[1.0, 2.0, 3.0], [0.1, 0.2, 10.0]]
+
+    def saving(removed):
+        return float(sum(removed))
+
+    assert K.allocate(chunks, costs, saving, 3.0) == [1, 2]
+
+
+def test_chunk_sizes_keep_multiples():
+    sizes = K.chunk_sizes(20, 1, 8, 2)
+    assert sizes == [4, 8] and all((20 - sum(sizes[:i])) % 8 in (0, 4) for i in range(3))
+
+
+def test_prune_then_int8_composes():
+    data = [{"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)} for _ in range(30)]
+    result = onnxopt.compile(ffn(), opt_level=2, prune=0.3, int8=True, calibration_data=data, int8_min_cosine=0.0)
+    names = [p["name"] for p in result.report["passes"] if p["fired"]]
+    assert names.index("prune") < names.index("quantize_int8")
+    onnx.checker.check_model(result.model, full_check=True)
+    assert np.isfinite(run_ort(result.model, data[0])["y"]).all()
