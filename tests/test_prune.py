@@ -13,7 +13,7 @@ import onnxopt
 from onnxopt.cli import main
 from onnxopt.errors import CompileError
 from onnxopt.kernels import pruning as K
-from onnxopt.passes import prune_groups as G
+from onnxopt.passes.prune import groups as G
 
 from oracle import run_ort
 

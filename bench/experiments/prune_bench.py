@@ -40,7 +40,7 @@ def model_macs(path, feed) -> dict:
     import onnx_ir as ir
 
     from onnxopt import verify
-    from onnxopt.passes.prune import _macs, _session as with_outputs
+    from onnxopt.passes.prune.structured import _macs, _session as with_outputs
 
     model = ir.load(str(path))
     values = [v for n in model.graph for v in n.outputs if v.name]

@@ -1,6 +1,6 @@
 """Structured pruning after export: calibrated, allocated by sensitivity, reconstructed in closed form.
 
-Rewrite: for each dependency group (passes/prune_groups.py: Conv output channels, FFN neurons,
+Rewrite: for each dependency group (passes/prune/groups.py: Conv output channels, FFN neurons,
 attention heads of a fused Attention), the units not kept are physically removed from every tensor
 of the group, and every consumer of the group is refitted:
 
@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxopt.kernels import pruning as K
 from onnxopt.kernels.metrics import cosine
 from onnxopt.passes import calibration_data
-from onnxopt.passes import prune_groups as G
+from onnxopt.passes.prune import groups as G
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.calibration_data import CalibrationError
 from onnxopt.passes._lib.graph import constant_array
