@@ -51,9 +51,11 @@ class OptPass(ir.passes.InPlacePass):
         self.declined: list[Declined] = []
         self._declined_keys: set[tuple[str, str, str]] = set()
         self.details: dict | None = None
+        self.options: dict = {}
 
     def configure(self, options: dict) -> None:
-        """Take the compile options this pass uses (default: none)."""
+        """Take the compile options (by default kept whole in `self.options`)."""
+        self.options = dict(options)
 
     def decline(self, rule: str | None, node: ir.Node | None, reason: str) -> None:
         """Record a refused candidate once per (node, reason); `rule` defaults to the pass's name."""

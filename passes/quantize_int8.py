@@ -190,11 +190,7 @@ class QuantizeInt8Pass(OptPass):
 
     def __init__(self) -> None:
         super().__init__()
-        self.options: dict = {}
         self.details: dict = {}
-
-    def configure(self, options: dict) -> None:
-        self.options = dict(options)
 
     # ---- candidates -------------------------------------------------------------------------
 

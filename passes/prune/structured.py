@@ -143,11 +143,7 @@ class PrunePass(OptPass):
 
     def __init__(self) -> None:
         super().__init__()
-        self.options: dict = {}
         self.details: dict = {}
-
-    def configure(self, options: dict) -> None:
-        self.options = dict(options)
 
     # ---- data ---------------------------------------------------------------------------------
 
