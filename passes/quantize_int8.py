@@ -59,7 +59,7 @@ from onnxopt.kernels import calibration, fidelity, quantize
 from onnxopt.passes import calibration_data
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.calibration_data import CalibrationError
-from onnxopt.passes._lib.graph import constant_array
+from onnxopt.passes._lib.graph import constant_array, session_of
 from onnxopt.passes.registry import register
 
 LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -148,19 +148,9 @@ def _new_initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
 
 
 def _session(model: ir.Model, make_session):
-    """make_session on the model as it stands, unused initializers (float weights of quantized
-    layers, int8 weights of float ones, kept to toggle layers) left out: onnxruntime drops unused
-    initializers and then fails to find them among the external ones."""
-    graph = model.graph
-    unused = [(n, v) for n, v in graph.initializers.items()
-              if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]
-    for name, _ in unused:
-        graph.initializers.pop(name)
-    try:
-        return make_session(model)
-    finally:
-        for _, value in unused:
-            graph.register_initializer(value)
+    # Unused initializers (float weights of quantized layers, int8 weights of float ones, kept to
+    # toggle layers) are left out of the session.
+    return session_of(model, make_session)
 
 
 def _channel_bias(layer: "Layer") -> np.ndarray | None:

@@ -258,3 +258,24 @@ def remove_dead(graph: ir.Graph, start: ir.Node) -> None:
             producer = v.producer()
             if producer is not None and producer.graph is graph:
                 stack.append(producer)
+
+
+def session_of(model: ir.Model, make_session, extra: list[ir.Value] = ()):
+    """`make_session(model)` on the model as it stands, also returning the values `extra`, with
+    unused initializers left out (onnxruntime drops unused initializers and then fails to find
+    them among the external ones); the model is given back unchanged."""
+    graph = model.graph
+    added = [v for v in extra if not v.is_graph_output() and not v.is_graph_input()]
+    for v in added:
+        graph.outputs.append(v)
+    unused = [(n, v) for n, v in graph.initializers.items()
+              if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]
+    for name, _ in unused:
+        graph.initializers.pop(name)
+    try:
+        return make_session(model)
+    finally:
+        for v in added:
+            graph.outputs.remove(v)
+        for _, v in unused:
+            graph.register_initializer(v)

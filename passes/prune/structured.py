@@ -42,7 +42,7 @@ from onnxopt.passes import calibration_data
 from onnxopt.passes.prune import groups as G
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.calibration_data import CalibrationError
-from onnxopt.passes._lib.graph import constant_array
+from onnxopt.passes._lib.graph import constant_array, session_of
 from onnxopt.passes.registry import register
 
 HOLDOUT_EVERY = 5
@@ -60,22 +60,7 @@ def _float_outputs(names, values):
 
 
 def _session(model: ir.Model, make_session, extra: list[ir.Value]):
-    """A session on `model` that also returns `extra` values; unused initializers left out."""
-    graph = model.graph
-    added = [v for v in extra if not v.is_graph_output() and not v.is_graph_input()]
-    for v in added:
-        graph.outputs.append(v)
-    unused = [(n, v) for n, v in graph.initializers.items()
-              if not v.uses() and not v.is_graph_input() and not v.is_graph_output()]
-    for name, _ in unused:
-        graph.initializers.pop(name)
-    try:
-        return make_session(model)
-    finally:
-        for v in added:
-            graph.outputs.remove(v)
-        for _, v in unused:
-            graph.register_initializer(v)
+    return session_of(model, make_session, extra)
 
 
 def _cosines(session, samples) -> list[float]:
