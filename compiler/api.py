@@ -20,7 +20,7 @@ from onnxopt.files import FileSet
 from onnxopt.options import CompileOptions
 from onnxopt.passes import inference_dropout as inference_dropout_pass
 from onnxopt.passes import plugins, registry
-from onnxopt.passes.calibration_data import CalibrationError
+from onnxopt.passes.int8.calibration_data import CalibrationError
 
 # fp16 verification bound: cosine of every output against the fp32 original.
 FP16_MIN_COSINE = 0.999

@@ -18,7 +18,7 @@ import pytest
 import onnxopt
 from onnxopt import host, verify
 from onnxopt.bench import zoo
-from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
+from onnxopt.passes.int8.quantize import QuantizeInt8Pass
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from onnxopt import cli, verify
 from onnxopt.bench import zoo
 from onnxopt.kernels import fidelity
 from onnxopt.kernels.metrics import cosine
-from onnxopt.passes import calibration_data
-from onnxopt.passes.quantize_int8 import QuantizeInt8Pass, _Samples
+from onnxopt.passes.int8 import calibration_data
+from onnxopt.passes.int8.quantize import QuantizeInt8Pass, _Samples
 
 
 @pytest.fixture(scope="module")

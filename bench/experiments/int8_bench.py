@@ -431,7 +431,7 @@ def _bench_bert_recipe(tmp: Path, peers: bool, recipe: dict, seq: int, n_calib: 
     import onnxopt
     from onnxopt import verify
     from onnxopt.bench import zoo
-    from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
+    from onnxopt.passes.int8.quantize import QuantizeInt8Pass
 
     path = zoo.build("bert", size="base", **recipe)
     rng = np.random.default_rng(0)
@@ -497,7 +497,7 @@ def bench_memory(tmp: Path, peers: bool) -> dict:
     import onnxopt
     from onnxopt import verify
     from onnxopt.bench import zoo
-    from onnxopt.passes.quantize_int8 import QuantizeInt8Pass
+    from onnxopt.passes.int8.quantize import QuantizeInt8Pass
 
     path = zoo.build("minilm")
     base = _minilm_feeds(SENTENCES)

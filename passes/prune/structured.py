@@ -38,10 +38,10 @@ import onnx_ir as ir
 
 from onnxopt.kernels import pruning as K
 from onnxopt.kernels.metrics import cosine
-from onnxopt.passes import calibration_data
+from onnxopt.passes.int8 import calibration_data
 from onnxopt.passes.prune import groups as G
 from onnxopt.passes.base import OptPass
-from onnxopt.passes.calibration_data import CalibrationError
+from onnxopt.passes.int8.calibration_data import CalibrationError
 from onnxopt.passes._lib.graph import constant_array, session_of
 from onnxopt.passes.registry import register
 
