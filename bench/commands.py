@@ -11,17 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from onnxopt import cli
 from onnxopt.errors import CompileError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line (`onnxopt bench: error: ...`) and exits 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+class _Parser(cli.Parser):
+    """The CLI's one-line-usage-error parser, named after the subcommand (`onnxopt bench: error: ...`)."""
 
 
 def _count(low: int):

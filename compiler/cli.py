@@ -23,16 +23,16 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + 2, 128 + 15
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line and exits 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line (`PROG: error: ...`) and exits 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        print(f"onnxopt: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="onnxopt",
         description="Optimize an ONNX model and verify the result against the original.",
         epilog="Also: `onnxopt bench MODEL ...` (latency reports on onnxruntime EPs) and "

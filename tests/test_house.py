@@ -10,6 +10,7 @@ import pytest
 
 import onnxopt
 from oracle import declined, parse
+from test_expected_graphs import LN_BODY, LN_INITS, SIG_24, _model
 
 ROOT = Path(__file__).parent.parent
 # package folder -> the onnxopt subpackages it may import
@@ -74,21 +75,8 @@ def test_no_pass_imports_another_pass():
     assert not wrong, "\n".join(wrong)
 
 
-# A LayerNorm with a negative epsilon and a GELU whose 0.5 is 0.6: each pass declines them, under its name.
-BAD_NORM = """
-<ir_version: 8, opset_import: ["" : 14]>
-agraph (float[2, 4] x) => (float[2, 4] y) <float[4] g = {1, 2, 3, 4}, float[4] bt = {0, 0, 0, 0}, float two = {2.0}, float eps = {-1e-5}> {
-    m = ReduceMean <axes = [-1]> (x)
-    d = Sub(x, m)
-    p = Pow(d, two)
-    v = ReduceMean <axes = [-1]> (p)
-    e = Add(v, eps)
-    s = Sqrt(e)
-    n = Div(d, s)
-    t = Mul(n, g)
-    y = Add(t, bt)
-}
-"""
+# A LayerNorm with a negative epsilon (test_expected_graphs' LayerNorm otherwise) and a GELU whose 0.5 is 0.6: each pass declines them, under its name.
+BAD_NORM = _model(LN_BODY, opset=14, sig=SIG_24, inits=f"{LN_INITS}, float two = {{2.0}}, float eps = {{-1e-5}}")
 BAD_GELU = """
 <ir_version: 8, opset_import: ["" : 17]>
 agraph (float[2, 4] x) => (float[2, 4] y) <float sq = {1.4142135}, float one = {1.0}, float half = {0.6}> {

@@ -58,18 +58,21 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
+def _check_names(given: set[str], specs: list[InputSpec], where: str, missing_msg: str, extra_msg: str) -> None:
+    """The given names must be exactly the model's inputs; the message lists what is off."""
+    names = {s.name for s in specs}
+    missing, extra = sorted(names - given), sorted(given - names)
+    if missing or extra:
+        parts = ([missing_msg.format(", ".join(map(repr, missing)))] if missing else []) + (
+            [extra_msg.format(", ".join(map(repr, extra)))] if extra else [])
+        raise CalibrationError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(s.name for s in specs)})")
+
+
 def check_feed(feed: dict, specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
     """Validate one sample (a feed dict for one run) against the model inputs."""
     if not isinstance(feed, dict):
         raise CalibrationError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
-    names = {s.name for s in specs}
-    missing = sorted(names - set(feed))
-    extra = sorted(set(feed) - names)
-    if missing or extra:
-        parts = ([f"missing input(s) {', '.join(map(repr, missing))}"] if missing else []) + (
-            [f"unknown name(s) {', '.join(map(repr, extra))}"] if extra else []
-        )
-        raise CalibrationError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(s.name for s in specs)})")
+    _check_names(set(feed), specs, where, "missing input(s) {}", "unknown name(s) {}")
     out = {}
     for s in specs:
         a = np.asarray(feed[s.name])
@@ -108,14 +111,7 @@ def _check_array(a: np.ndarray, s: InputSpec, where: str, *, batch_axis: bool) -
 
 def _arrays_source(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> tuple[int, callable]:
     """Check a dict of per-input sample arrays; return (samples, row -> feed)."""
-    check_names = {s.name for s in specs}
-    missing = sorted(check_names - set(arrays))
-    extra = sorted(set(arrays) - check_names)
-    if missing or extra:
-        parts = ([f"missing array(s) for input(s) {', '.join(map(repr, missing))}"] if missing else []) + (
-            [f"array(s) {', '.join(map(repr, extra))} match no model input"] if extra else []
-        )
-        raise CalibrationError(f"{where}: {'; '.join(parts)} (model inputs: {', '.join(s.name for s in specs)})")
+    _check_names(set(arrays), specs, where, "missing array(s) for input(s) {}", "array(s) {} match no model input")
     counts = {}
     for s in specs:
         a = arrays[s.name]
