@@ -236,9 +236,7 @@ class _GeluPass(OptPass):
                 except Decline as refused:
                     self.decline(None, node, str(refused))
                     break
-                if new.domain == MS:
-                    ensure_opset(model, MS)
-                replace(graph, nodes, gelu.output, new, gelu.output.producer())
+                lib.fuse(model, nodes, gelu.output, new, gelu.output.producer())
                 fired += 1
                 break
         return fired

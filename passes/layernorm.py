@@ -58,7 +58,7 @@ import onnx_ir as ir
 
 from onnxopt.passes._lib import graph as lib
 from onnxopt.passes._lib.graph import (
-    MS, ensure_opset, model_opset, only_use, other_input, outside_uses, produced_by, replace, scalar,
+    MS, model_opset, only_use, other_input, outside_uses, produced_by, scalar,
     standard,
 )
 from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
@@ -324,9 +324,7 @@ class _NormPass(OptPass):
             except Decline as refused:
                 self.decline(None, anchor, str(refused))
                 continue
-            if new.domain == MS:
-                ensure_opset(model, MS)
-            replace(graph, norm.nodes, norm.output, new, norm.last)
+            lib.fuse(model, norm.nodes, norm.output, new, norm.last)
             fired += 1
         return fired
 

@@ -145,20 +145,13 @@ BERT_RECIPES = {"legacy-op14": {"exporter": "legacy", "opset": 14}, "legacy-op17
 
 
 def _session(path, optimize: bool = True, threads: int | None = None, profile: str | None = None):
-    import onnxruntime as ort
+    from onnxopt import sessions
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
-    # Several sessions alternate in one process: no spin-waiting threads (see timing.session).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
+    so = sessions.options(optimize=optimize, threads=threads)
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = profile
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sessions.session(path, so)
 
 
 def _cos(a, b) -> float:

@@ -243,6 +243,13 @@ def replace(graph: ir.Graph, nodes: list[ir.Node], final: ir.Value, new: ir.Node
     ir.convenience.replace_nodes_and_values(graph, at, nodes, [new], [final], [new.outputs[0]])
 
 
+def fuse(model: ir.Model, nodes: list[ir.Node], final: ir.Value, new: ir.Node, at: ir.Node) -> None:
+    """`replace` in the main graph, importing the new node's domain (e.g. com.microsoft) if needed."""
+    if new.domain not in STD_DOMAINS:
+        ensure_opset(model, new.domain)
+    replace(model.graph, nodes, final, new, at)
+
+
 def remove_dead(graph: ir.Graph, start: ir.Node) -> None:
     """Remove `start` if nothing uses it and, transitively, producers left without uses."""
     stack = [start]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import onnx_ir as ir
 
 _MAX_DATA = 16  # longest integer tensor tracked by value (shape tensors are rank-sized)
@@ -683,10 +682,3 @@ def static_ints(dims) -> list[int] | None:
     if dims is None or any(d is None or not d.is_int for d in dims):
         return None
     return [int(d) for d in dims]
-
-
-def numpy_of(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
