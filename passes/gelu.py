@@ -25,8 +25,9 @@ Passes:
   sigmoid -> QuickGelu(alpha) (exactly x * sigmoid(alpha * x), for any constant alpha). A bias
   folds in when x = MatMul(a, W) + b, b a constant [N] with N = W's last dimension and the sum
   used by the GELU only: erf -> BiasGelu(MatMul, b), tanh -> FastGelu(MatMul, b). This also applies
-  to a standard Gelu that `gelu` produced (opset >= 20). These kernels take float32 on every
-  onnxruntime target (the element type is read from the pattern's constants).
+  to a standard Gelu that `gelu` produced (opset >= 20). These kernels take the element types
+  kernels/catalogue.py lists for the target (float32 on cpu, float32/float16 on cuda; the element
+  type is read from the pattern's constants).
 Only the main graph is searched (not If/Loop bodies).
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._lib import graph as lib
@@ -63,9 +65,13 @@ class Gelu:
 
 
 def _constant(value: ir.Value | None, want: float, what: str) -> float:
+    """The scalar constant, which must be `want` to 1e-5, or to the precision of its own type when
+    that is coarser (a float16 GELU's sqrt(2) is 1.4140625, the nearest float16)."""
     got = scalar(value)
     need(got is not None, f"{what} is not a constant scalar")
-    need(close(got, want), f"{what} is {got:.9g}, not {want:.9g}")
+    dtype = lib.constant_array(value).dtype
+    rel = max(1e-5, float(np.finfo(dtype).eps)) if dtype.kind == "f" else 1e-5
+    need(close(got, want, rel), f"{what} is {got:.9g}, not {want:.9g}")
     return got
 
 
@@ -249,16 +255,19 @@ class _GeluPass(OptPass):
             need(gelu.dtype in GELU_TYPES, f"element type {gelu.dtype} is not a float type")
             attrs = [ir.AttrString("approximate", "tanh")] if gelu.kind == "tanh" else []
             return ir.Node("", "Gelu", [gelu.x], attributes=attrs, name=f"{base}.Gelu"), gelu.nodes
-        need(gelu.dtype == ir.DataType.FLOAT, f"the fused GELU kernels take float32, not {gelu.dtype}")
+        target = self.options.get("target", "cpu")
         if gelu.kind == "sigmoid":
+            lib.need_kernel(target, "QuickGelu", gelu.dtype)
             attrs = [ir.AttrFloat32("alpha", gelu.alpha)]
             return ir.Node(MS, "QuickGelu", [gelu.x], attributes=attrs, name=f"{base}.QuickGelu"), gelu.nodes
         bias = matmul_bias(gelu.x)
         if bias is not None and outside_uses(gelu.nodes + [bias[0]], gelu.output) is None:
             add, matmul, b = bias
             op = "BiasGelu" if gelu.kind == "erf" else "FastGelu"
+            lib.need_kernel(target, op, gelu.dtype)
             return ir.Node(MS, op, [matmul.outputs[0], b], name=f"{base}.{op}"), gelu.nodes + [add]
         op = "Gelu" if gelu.kind == "erf" else "FastGelu"
+        lib.need_kernel(target, op, gelu.dtype)
         return ir.Node(MS, op, [gelu.x], name=f"{base}.{op}"), gelu.nodes
 
     def _fold_bias_into_fused(self, model: ir.Model, node: ir.Node) -> bool:
@@ -276,9 +285,13 @@ class _GeluPass(OptPass):
             return False
         add, matmul, b = bias
         mm = matmul.outputs[0]
-        if only_use(add.outputs[0]) is not node or _dtype(b) != ir.DataType.FLOAT:
-            return False
         op = "FastGelu" if tanh else "BiasGelu"
+        if only_use(add.outputs[0]) is not node:
+            return False
+        try:
+            lib.need_kernel(self.options.get("target", "cpu"), op, _dtype(b))
+        except Decline:
+            return False
         out = node.outputs[0]
         new = ir.Node(MS, op, [mm, b], name=f"{out.name or 'gelu'}.{op}")
         ensure_opset(model, MS)

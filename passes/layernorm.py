@@ -40,7 +40,8 @@ What is emitted, by pass:
   since LayerNorm(2x; 4e) = 2(x - mean) / (2 sqrt(var + e)); likewise
   SkipSimplifiedLayerNormalization(x, x, gamma, epsilon=4*eps) = RMSNorm(x; eps). Scaling by 2 and
   4 is exact in binary floating point (up to overflow of 2x, i.e. |x| > 1.7e38 in float32).
-  These kernels take rank-2 or rank-3 float32 inputs, which is checked (rank by symbolic shapes).
+  These kernels take rank-2 or rank-3 inputs of the types kernels/catalogue.py lists for the target,
+  which is checked (rank by symbolic shapes).
   `skip_layernorm` later turns such a self-skip into a real residual SkipLayerNormalization.
   Not on onnxruntime's CPU EP: its Skip*LayerNormalization kernels are slower than Add +
   LayerNormalization (measured, see kernels/catalogue.py), and its session turns the decomposed
@@ -342,7 +343,7 @@ class _NormPass(OptPass):
         need(self.ort, f"opset {opset} has no {name} (needs {needed}; --opset {needed} upgrades the model, "
               "-O3 for an onnxruntime target uses its fused kernel)")
         fused = "SkipLayerNormalization" if layer else "SkipSimplifiedLayerNormalization"
-        need(dtype == ir.DataType.FLOAT, f"{fused} on every onnxruntime target takes float32, not {dtype}")
+        lib.need_kernel(self.options.get("target", "cpu"), fused, dtype)
         rank = shapes.rank(norm.x)
         need(rank in (2, 3), f"{fused} takes rank-2 or rank-3 inputs; the input's rank is "
               + ("unknown" if rank is None else str(rank)))

@@ -17,7 +17,7 @@ Preconditions, each refusal reported with its reason:
   broadcasting skip (BERT's position embeddings, [1, S, D] + [B, S, D]) is refused: onnxruntime
   would silently compute the smaller shape if it became the kernel's input;
 - gamma (and beta) are 1-D of length D, the last dimension of a;
-- the element type is float32 (what the kernels take on every onnxruntime target);
+- the element type is one the target runs the kernel in (float32 here: the fused residual form is checked for float32 only);
 - a bias c is folded only when it is a constant [D] added to a MatMul output whose weight has D
   columns, and that sum is used by the residual Add only; otherwise a and b go in as they are.
 Shapes are computed once, on the graph before any rewrite, then all candidates are rewritten.

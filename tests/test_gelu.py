@@ -256,3 +256,25 @@ def test_zoo_upgraded_to_opset_20_gets_standard_gelu_at_O2():
         out = assert_rewrite(2, path, zoo.sample_feeds(name, path), opset=20, expect_ops={"Gelu": 2, "Tanh": tanh},
                              absent_ops=("Erf",), disable=["merge_qkv"])
         assert not [k for k in op_counts(out) if "." in k]
+
+
+def test_fused_kernel_dtypes_come_from_the_catalogue():
+    """A float16 GELU: the cpu target has no float16 fused GELU (declined with the catalogue's types),
+    cuda has one (fused; not run here, onnxruntime's CPU EP lacks the float16 kernel)."""
+    import onnxopt
+    from oracle import declined, op_counts
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = [numpy_helper.from_array(np.array(v, np.float16), n) for n, v in
+              (("sq", 1.4142135), ("one", 1.0), ("half", 0.5))]
+    nodes = [helper.make_node("Div", ["x", "sq"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["y"])]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT16, [2, 4])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("x")], [vi("y")], consts),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    cpu = onnxopt.compile(model, opt_level=3, verify_outputs=False)
+    assert declined(cpu.report, "gelu_ort") == ["Gelu on cpu takes float32, not float16"]
+    cuda = onnxopt.compile(model, opt_level=3, target="cuda", verify_outputs=False)
+    assert op_counts(cuda.model)["com.microsoft.Gelu"] == 1

@@ -243,6 +243,16 @@ def replace(graph: ir.Graph, nodes: list[ir.Node], final: ir.Value, new: ir.Node
     ir.convenience.replace_nodes_and_values(graph, at, nodes, [new], [final], [new.outputs[0]])
 
 
+def need_kernel(target: str, op: str, dtype: ir.DataType | None, domain: str = MS) -> None:
+    """Decline unless the target runs the fused kernel `domain.op` in `dtype` (kernels/catalogue.py)."""
+    from onnxopt.kernels import catalogue
+
+    name = dtype.numpy().name if dtype is not None else None
+    if name is None or not catalogue.has_kernel(target, op, domain, name):
+        runs = ", ".join(catalogue.kernel(op, domain).dtypes.get(target, ())) if catalogue.kernel(op, domain) else "nothing"
+        raise Decline(f"{op} on {target} takes {runs}, not {name or 'an unknown type'}")
+
+
 def fuse(model: ir.Model, nodes: list[ir.Node], final: ir.Value, new: ir.Node, at: ir.Node) -> None:
     """`replace` in the main graph, importing the new node's domain (e.g. com.microsoft) if needed."""
     if new.domain not in STD_DOMAINS:
