@@ -17,7 +17,7 @@ Preconditions, each refusal reported with its reason:
   broadcasting skip (BERT's position embeddings, [1, S, D] + [B, S, D]) is refused: onnxruntime
   would silently compute the smaller shape if it became the kernel's input;
 - gamma (and beta) are 1-D of length D, the last dimension of a;
-- the element type is one the target runs the kernel in (float32 here: the fused residual form is checked for float32 only);
+- the element type is one the target runs the kernel in (kernels/catalogue.py);
 - a bias c is folded only when it is a constant [D] added to a MatMul output whose weight has D
   columns, and that sum is used by the residual Add only; otherwise a and b go in as they are.
 Shapes are computed once, on the graph before any rewrite, then all candidates are rewritten.
@@ -32,7 +32,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
-from onnxopt.passes.base import OptPass
+from onnxopt.passes._lib import graph as lib
+from onnxopt.passes.base import Decline, OptPass, need
 from onnxopt.passes._lib.graph import MS, ensure_opset, matmul_bias, produced_by
 from onnxopt.kernels import catalogue
 from onnxopt.passes.registry import register
@@ -111,11 +112,11 @@ class SkipLayerNormPass(OptPass):
             add = produced_by(x, "Add")
             if add is None or len(add.inputs) != 2:
                 continue
-            reason, bias_add = self._check(add, gamma, beta, shapes)
-            if add in claimed:
-                reason = "the sum is also normalized by another LayerNorm, which takes the residual Add"
-            if reason:
-                self.decline("skip_layernorm", node, reason)
+            try:
+                need(add not in claimed, "the sum is also normalized by another LayerNorm, which takes the residual Add")
+                bias_add = self._check(add, gamma, beta, shapes)
+            except Decline as exc:
+                self.decline(None, node, str(exc))
                 continue
             claimed.add(add)
             candidates.append(_Candidate(node, add, gamma, beta, epsilon, rms, bias_add))
@@ -123,31 +124,30 @@ class SkipLayerNormPass(OptPass):
             self._rewrite(model, cand)
         return len(candidates)
 
-    def _check(self, add: ir.Node, gamma, beta, shapes: SymbolicShapes):
+    def _check(self, add: ir.Node, gamma, beta, shapes: SymbolicShapes) -> ir.Node | None:
+        """The bias Add to absorb (or None); raises Decline when the residual cannot be fused."""
         a, b = add.inputs
         if a is b:
             # Not a residual: LayerNorm(x + x) is the self-skip form already.
-            return "the Add adds a value to itself", None
+            raise Decline("the Add adds a value to itself")
         da, db = shapes.dims(a), shapes.dims(b)
         if da is None or db is None or any(d is None for d in da + db):
-            return "the shapes of the residual Add's operands are not known", None
+            raise Decline("the shapes of the residual Add's operands are not known")
         if da != db:
-            return f"the skip would broadcast: shapes {da} and {db} differ", None
+            raise Decline(f"the skip would broadcast: shapes {da} and {db} differ")
         if len(da) not in (2, 3):
-            return f"the kernel takes rank-2 or rank-3 inputs, not rank {len(da)}", None
+            raise Decline(f"the kernel takes rank-2 or rank-3 inputs, not rank {len(da)}")
         last = da[-1]
         if not last.is_int:
-            return "the normalized (last) dimension is not static", None
+            raise Decline("the normalized (last) dimension is not static")
         d = int(last)
         for value, what in ((gamma, "gamma"), (beta, "beta")):
             if value is None:
                 continue
             if _length(value, shapes) != d:
-                return f"{what} is not 1-D of length {d} (the last dimension)", None
-        if gamma.dtype != ir.DataType.FLOAT:
-            return f"the kernel takes float32, not {gamma.dtype or 'an unknown type'}", None
-        bias_add = _foldable_bias(a, d) or _foldable_bias(b, d)
-        return None, bias_add
+                raise Decline(f"{what} is not 1-D of length {d} (the last dimension)")
+        lib.need_kernel(self.options.get("target", "cuda"), "SkipLayerNormalization", gamma.dtype)
+        return _foldable_bias(a, d) or _foldable_bias(b, d)
 
     def _rewrite(self, model: ir.Model, cand: _Candidate) -> None:
         graph = model.graph
