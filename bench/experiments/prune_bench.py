@@ -1,20 +1,25 @@
 """Structured pruning benchmark on real trained weights: onnxopt beside onnxsim 0.8 and Torch-Pruning.
 
-`python -m onnxopt.bench.experiments.prune_bench [--models digits,minilm] [--no-peers] [-o out.json]`
+`python -m onnxopt.bench.experiments.prune_bench [--models digits,minilm,efficientnet,memory,bert] [--no-peers] [-o out.json]`
 
 * digits: the trained digits CNN (bench/zoo.py), test accuracy on the 450-image test split;
   calibration: 320 training images. onnxopt at --prune 0.3 / 0.5 (with --prune-round 4: the
   layers have 16 and 32 channels, multiples of 8 cannot approach 30%) and at the default round 8.
 * minilm: all-MiniLM-L6-v2 (real weights), onnxopt -O3 output; cosine of mean-pooled embeddings
-  of the 16 held-out sentences (bench/int8_bench.SENTENCES[26:]) dense vs pruned. Calibration:
-  128 samples made only of the 26 calibration sentences (each alone and random pairs of them).
+  of 160 held-out real sentences (int8_bench.real_sentences()[120:280]) dense vs pruned.
+  Calibration: 128 samples made only of the 120 calibration sentences (each alone, and 8 random
+  pairs of them), padded to 64 tokens like int8_bench's.
 * efficientnet: EfficientNet-Lite0 (ImageNet weights, BN folded by -O2), top-1 agreement with the
   dense model on 200 random crops of scikit-image photos; calibration: 64 other crops.
 * memory: peak heap growth of pruning with 128 vs 1024 calibration samples (an .npz, streamed).
 * Peers on the same models in the same run: onnxsim's apply_structured_wanda_pruning +
   apply_pruning_finetune on the form it can prune (onnxopt -O2 output for digits, -O3 for MiniLM),
   at several channel sparsities, with the MACs each result really removes; Torch-Pruning when the
-  package is installed (magnitude importance, no fine-tuning, exported with torch.onnx).
+  package is installed (magnitude importance, no fine-tuning, exported with torch.onnx): the digits
+  CNN's channels, and MiniLM's heads and FFN neurons (its export fused by onnxopt -O3 before
+  counting, like onnxopt's own output).
+* bert: BERT-base (zoo, random weights), speed only: --prune 0.4 compile time, latency of the pruned
+  model and of the pruned model with --int8 beside -O3 (alternating rounds, A/A control).
 
 MACs: Conv/MatMul/Gemm/Attention multiply-accumulates of one batch-1 run, counted on each model
 file the same way (onnxopt.passes.prune's counter at probe shapes).
@@ -101,6 +106,43 @@ def _torch_pruning_digits(out: Path, ratio: float):
     return out, {"compile_s": round(time.perf_counter() - t, 1), "pruning_ratio": ratio}
 
 
+def _torch_pruning_minilm(out: Path, ratio: float):
+    """Torch-Pruning on all-MiniLM-L6-v2: whole heads (Q/K/V and the output projection's rows) and FFN
+    neurons at `ratio` per layer, L2 magnitude importance, no fine-tuning; the hidden size (the
+    residual stream) is left whole, like onnxopt's; exported with the legacy exporter, opset 14."""
+    import torch
+    import torch_pruning as tp
+
+    from onnxopt.bench import zoo
+
+    t = time.perf_counter()
+    module, names, outputs = zoo.torch_module("minilm")
+    bert = module.model
+    example = _minilm_feeds(["A sentence to trace the model with."])[0]
+    inputs = tuple(torch.from_numpy(example[n]) for n in names)
+    num_heads, ignored = {}, [bert.pooler.dense]
+    for layer in bert.encoder.layer:
+        sa = layer.attention.self
+        for lin in (sa.query, sa.key, sa.value):
+            num_heads[lin] = sa.num_attention_heads
+        ignored += [layer.attention.output.dense, layer.output.dense]
+    pruner = tp.pruner.MetaPruner(
+        module, inputs, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
+        ignored_layers=ignored, output_transform=lambda out: out[0])
+    pruner.step()
+    for layer in bert.encoder.layer:
+        sa = layer.attention.self
+        sa.num_attention_heads = sa.query.out_features // sa.attention_head_size
+        sa.all_head_size = sa.query.out_features
+    with torch.no_grad():
+        torch.onnx.export(module, inputs, str(out), input_names=list(names), output_names=list(outputs),
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names}, opset_version=14, dynamo=False)
+    return out, {"compile_s": round(time.perf_counter() - t, 1), "pruning_ratio": ratio,
+                 "heads_kept": sum(layer.attention.self.num_attention_heads for layer in bert.encoder.layer),
+                 "ffn_kept": sum(layer.intermediate.dense.out_features for layer in bert.encoder.layer)}
+
+
 def _reduction(base: dict, got: dict, ops) -> float:
     b = sum(v for k, v in base.items() if k in ops)
     g = sum(v for k, v in got.items() if k in ops)
@@ -175,6 +217,11 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
         for s in (0.25, 0.5):
             p, info = _peer(_onnxsim, dense, calib[:64], tmp / f"m-sim-{s}.onnx", s)
             res[f"onnxsim_O3_sparsity{s}"] = entry(p, info) if p else info
+        for r in (0.25, 0.5):
+            p, info = _peer(_torch_pruning_minilm, tmp / f"m-tp-{r}.onnx", r)
+            if p:  # fused like onnxopt's output, so that MACs are counted the same way
+                p = onnxopt.compile(str(p), opt_level=3, verify_outputs=False).save(tmp / f"m-tp-{r}-O3.onnx")
+            res[f"torch_pruning_magnitude_ratio{r}"] = entry(p, info) if p else info
     return res
 
 

@@ -69,7 +69,7 @@ PREFIXES = (0.25, 0.5, 0.75)
 # A refit's statistics stop once every consumer of the step has this many rows per feature (and
 # MIN_FIT_SAMPLES samples were read): enough for a well-posed fit, and a Conv's thousands of pixel
 # rows per sample need few samples.
-ROWS_PER_FEATURE = 8
+ROWS_PER_FEATURE = 2
 MIN_FIT_SAMPLES = 16
 CV_MAX_FEATURES = 1600
 
