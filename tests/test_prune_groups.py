@@ -1,0 +1,151 @@
+"""Dependency groups of the new kinds: attention heads of unfused exports (legacy and dynamo,
+eager and SDPA, merged QKV after -O2), com.microsoft MultiHeadAttention heads, Concat and Split
+of channels. For each: zeroing the units gives the same outputs as removing them, the prune pass
+through the oracle, and a negative test per decline reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+import onnxopt
+from onnxopt.bench import zoo
+from onnxopt.passes.prune import groups as G
+
+from oracle import assert_rewrite, op_counts, run_ort
+from test_prune import _f, _groups, _model, _zero_equals_remove
+
+RNG = np.random.default_rng(1)
+
+# (exporter, opset, attention, level): the forms the zoo's tiny BERT comes in, as -O0 / -O1 / -O2 leave them.
+FORMS = [("legacy", 14, "eager", 0), ("legacy", 14, "eager", 1), ("legacy", 13, "sdpa", 1), ("legacy", 17, "sdpa", 2),
+         ("dynamo", 18, "eager", 1), ("dynamo", 18, "sdpa", 1), ("dynamo", 18, "sdpa", 2), ("legacy", 14, "eager", 2)]
+
+
+def _bert(exporter, opset, attention, level):
+    proto = onnx.load(zoo.build("bert", size="tiny", exporter=exporter, opset=opset, attention=attention))
+    feeds = zoo.sample_feeds("bert", proto)
+    return onnxopt.compile(proto, opt_level=level, verify_outputs=False).model, feeds
+
+
+def _heads(groups):
+    return [g for g in groups if g.kind == "heads"]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{f[0]}{f[1]}-{f[2]}-O{f[3]}")
+def test_unfused_heads_zero_equals_remove(form):
+    proto, feeds = _bert(*form)
+    _, groups = _groups(proto, feeds)
+    heads = _heads(groups)
+    assert len(heads) == 2 and all(not g.reason and g.units == 4 and g.unit == 16 for g in heads), \
+        [(g.describe(), g.reason) for g in groups]
+    # Q, K and V produced together (three MatMuls, or one merged MatMul split in three), Wo consumes.
+    assert all(len(g.producers) in (1, 3) and len(g.consumers) == 1 and g.core for g in heads)
+    _zero_equals_remove(proto, feeds, "heads")
+
+
+# ---- hand-written attention blocks ------------------------------------------------------------
+
+D, H, S = 16, 4, 5
+DH = D // H
+
+
+def _dead_heads_weights(dead=(1, 3)):
+    w = {n: RNG.normal(size=(D, D)) / 3 for n in ("wq", "wk", "wv", "wo")}
+    w.update({n: RNG.normal(size=D) / 3 for n in ("bq", "bk", "bv", "bo")})
+    for h in dead:  # heads whose output projection rows are zero: removing them changes nothing
+        w["wo"][h * DH:(h + 1) * DH] = 0.0
+    return w
+
+
+def unfused_attention(dynamic=True, dead=(1, 3), head_entry=None):
+    """Q/K/V MatMul+Add -> Reshape [B, S, H, dh] (target a Concat of Shape/Gather pieces and
+    constants, like torch's legacy export with dynamic axes) -> Transpose -> scores -> Softmax ->
+    context -> Transpose -> Reshape [B, S, H*dh] -> output MatMul+Add."""
+    w = _dead_heads_weights(dead)
+    w.update({"i0": np.array(0), "i1": np.array(1), "ax": np.array([0]), "heads": np.array([H]),
+              "dh": np.array([DH]), "hid": np.array([D]), "scale": np.array(1 / np.sqrt(DH))})
+    ints = {"i0", "i1", "ax", "heads", "dh", "hid"}
+    nodes = [helper.make_node("Shape", ["x"], ["shp"]),
+             helper.make_node("Gather", ["shp", "i0"], ["b"], axis=0),
+             helper.make_node("Gather", ["shp", "i1"], ["s"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "ax"], ["bu"]), helper.make_node("Unsqueeze", ["s", "ax"], ["su"]),
+             helper.make_node("Concat", ["bu", "su", head_entry or "heads", "dh"], ["split_shape"], axis=0),
+             helper.make_node("Concat", ["bu", "su", "hid"], ["merge_shape"], axis=0)]
+    for n in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}m"]),
+                  helper.make_node("Add", [f"{n}m", f"b{n}"], [f"{n}a"]),
+                  helper.make_node("Reshape", [f"{n}a", "split_shape"], [f"{n}r"])]
+    nodes += [helper.make_node("Transpose", ["qr"], ["qt"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["kr"], ["kt"], perm=[0, 2, 3, 1]),
+              helper.make_node("Transpose", ["vr"], ["vt"], perm=[0, 2, 1, 3]),
+              helper.make_node("MatMul", ["qt", "kt"], ["sc"]),
+              helper.make_node("Mul", ["sc", "scale"], ["scs"]),
+              helper.make_node("Softmax", ["scs"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vt"], ["ctx"]),
+              helper.make_node("Transpose", ["ctx"], ["ct"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ct", "merge_shape"], ["cm"]),
+              helper.make_node("MatMul", ["cm", "wo"], ["om"]),
+              helper.make_node("Add", ["om", "bo"], ["y"])]
+    dims = ["batch", "seq", D] if dynamic else [1, S, D]
+    graph = helper.make_graph(nodes, "g", [_f("x", dims)], [_f("y", dims)],
+                              [onnx.numpy_helper.from_array(a.astype(np.int64 if k in ints else np.float32), k)
+                               for k, a in w.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _x(n=1):
+    return [{"x": RNG.normal(size=(1, S, D)).astype(np.float32)} for _ in range(n)]
+
+
+def test_unfused_attention_zero_equals_remove_dynamic_shapes():
+    _zero_equals_remove(unfused_attention(), _x()[0], "heads")
+
+
+def test_explicit_head_counts_rewritten():
+    """Targets Concat(B, S, 4, dh) and Concat(B, S, 16) (explicit counts, not -1): the head
+    entries become the kept counts, in private Concats; the -1 forms of the exporters need none."""
+    proto = unfused_attention()
+    feeds = _x()[0]
+    model, groups = _groups(proto, feeds)
+    (g,) = _heads(groups)
+    G.apply(model.graph, g, G.unit_channels(g, [0, 2, 3]))
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out, full_check=True)
+    targets = [[int(np.ravel(G.constant_array(v))[0]) if G.constant_array(v) is not None else None
+                for v in node.inputs[1].producer().inputs] for node in g.reshapes]
+    assert sorted(targets, key=len) == [[None, None, 12]] + [[None, None, 3, DH]] * 3, targets
+    assert run_ort(out, feeds)["y"].shape == (1, S, D)
+
+
+def test_prune_unfused_heads_oracle():
+    """Half of the heads are dead (zero output rows): pruning half the MACs removes exactly them,
+    and the pruned model computes what the original does (the oracle, at -O0 with prune)."""
+    proto = unfused_attention()
+    out = assert_rewrite("prune", proto, _x()[0], idempotent=False, prune=0.5, prune_round=1,
+                         calibration_data=_x(20))
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert sorted(a.shape for k, a in w.items() if a.ndim == 2) == sorted([(D, D // 2)] * 3 + [(D // 2, D)])
+    assert any(a.tolist() == [2] for a in w.values() if a.dtype == np.int64 and a.ndim == 1)
+
+
+def test_declines_head_count_computed():
+    """The head entry of the split target is computed from the input's shape (x's hidden size
+    divided by 4): it does not follow the kept heads, and it cannot be rewritten."""
+    proto = unfused_attention(head_entry="hc")
+    extra = [helper.make_node("Gather", ["shp", "i2"], ["hidden"], axis=0),
+             helper.make_node("Div", ["hidden", "four"], ["hq"]),
+             helper.make_node("Unsqueeze", ["hq", "ax"], ["hc"])]
+    for k, n in enumerate(extra):
+        proto.graph.node.insert(3 + k, n)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(2, np.int64), "i2"),
+                                    onnx.numpy_helper.from_array(np.array(4, np.int64), "four")])
+    _, groups = _groups(proto, _x()[0])
+    reasons = [g.reason for g in groups if g.reason]
+    assert any("entry 2 of its target is computed by Unsqueeze" in r for r in reasons), reasons
+    assert not _heads([g for g in groups if not g.reason])
