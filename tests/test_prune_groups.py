@@ -149,3 +149,111 @@ def test_declines_head_count_computed():
     reasons = [g.reason for g in groups if g.reason]
     assert any("entry 2 of its target is computed by Unsqueeze" in r for r in reasons), reasons
     assert not _heads([g for g in groups if not g.reason])
+
+
+def test_declines_head_count_read_as_a_value():
+    """Shape(Q)[1] (the head count) scales the scores: it would change with the kept heads."""
+    proto = unfused_attention()
+    g = proto.graph
+    nodes = list(g.node)
+    mul = next(n for n in nodes if n.op_type == "Mul")
+    extra = [helper.make_node("Shape", ["qt"], ["qshape"]), helper.make_node("Gather", ["qshape", "i1"], ["hcount"], axis=0),
+             helper.make_node("Cast", ["hcount"], ["hf"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", ["scs0", "hf"], ["scs"])]
+    mul.output[0] = "scs0"
+    at = nodes.index(mul) + 1
+    del g.node[:]
+    g.node.extend(nodes[:at] + extra + nodes[at:])
+    _, groups = _groups(proto, _x()[0])
+    reasons = [x.reason for x in groups if x.reason]
+    assert any("the shape of 'qt' is read by" in r and "would change with the units" in r for r in reasons), reasons
+
+
+def test_declines_softmax_over_heads():
+    proto = unfused_attention()
+    next(n for n in proto.graph.node if n.op_type == "Softmax").attribute[0].i = 1
+    _, groups = _groups(proto, _x()[0])
+    assert any("Softmax" in x.reason and "normalizes over the units' axis" in x.reason for x in groups if x.reason)
+
+
+def test_declines_channels_contracted_with_an_activation():
+    """x W -> m; m m^T contracts m's channels with an activation: not heads, nothing to slice."""
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Transpose", ["m"], ["mt"], perm=[0, 2, 1]),
+                    helper.make_node("MatMul", ["m", "mt"], ["y"])],
+                   [_f("x", [1, S, D])], [_f("y", [1, S, S])], {"w": RNG.normal(size=(D, 8))})
+    _, groups = _groups(proto, _x()[0])
+    assert any("contracts the channels with an activation" in x.reason for x in groups if x.reason)
+
+
+# ---- com.microsoft MultiHeadAttention ------------------------------------------------------------
+
+
+def mha(dead=(1, 3), attention_bias=False):
+    """Q/K/V MatMuls -> MultiHeadAttention(q, k, v, packed bias [3D]) -> output MatMul + Add."""
+    w = _dead_heads_weights(dead)
+    w["bqkv"] = np.concatenate([w.pop("bq"), w.pop("bk"), w.pop("bv")])
+    ins = ["qm", "km", "vm", "bqkv"] + (["", "ab"] if attention_bias else [])
+    if attention_bias:
+        w["ab"] = RNG.normal(size=(1, H, S, S))
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [f"{n}m"]) for n in "qkv"]
+    nodes += [helper.make_node("MultiHeadAttention", ins, ["ctx"], domain="com.microsoft", num_heads=H),
+              helper.make_node("MatMul", ["ctx", "wo"], ["om"]), helper.make_node("Add", ["om", "bo"], ["y"])]
+    return _model(nodes, [_f("x", [1, S, D])], [_f("y", [1, S, D])], w, ms=True)
+
+
+def test_mha_zero_equals_remove():
+    _zero_equals_remove(mha(), _x()[0], "heads")
+
+
+def test_mha_of_an_export_zero_equals_remove():
+    """-O3 without the packed-QKV stage: merged Q/K/V MatMul -> Split -> MultiHeadAttention."""
+    proto = onnx.load(zoo.build("bert", size="tiny", exporter="legacy", opset=14, attention="eager"))
+    feeds = zoo.sample_feeds("bert", proto)
+    proto = onnxopt.compile(proto, opt_level=3, disable=["attention_qkv"], verify_outputs=False).model
+    assert op_counts(proto)["com.microsoft.MultiHeadAttention"] == 2
+    _, groups = _groups(proto, feeds)
+    assert [(g.units, len(g.mha)) for g in _heads(groups) if not g.reason] == [(4, 1), (4, 1)]
+    _zero_equals_remove(proto, feeds, "heads")
+
+
+def test_prune_mha_heads_oracle():
+    out = assert_rewrite("prune", mha(), _x()[0], idempotent=False, prune=0.5, prune_round=1, calibration_data=_x(20))
+    node = next(n for n in out.graph.node if n.op_type == "MultiHeadAttention")
+    assert helper.get_attribute_value(node.attribute[0]) == 2
+    bias = {t.name: t for t in out.graph.initializer}[node.input[3]]
+    assert list(bias.dims) == [3 * D // 2]
+
+
+def test_declines_mha_with_attention_bias():
+    _, groups = _groups(mha(attention_bias=True), _x()[0])
+    reasons = [g.reason for g in groups if g.reason]
+    assert any("has an attention bias or past/present state" in r for r in reasons), reasons
+    assert not [g for g in groups if not g.reason and g.kind == "heads"]
+
+
+# ---- attention fusion after pruning heads ------------------------------------------------------------
+
+
+def test_attention_fuses_on_layers_with_different_head_counts(tmp_path):
+    """Prune a raw export at -O1 so its two layers keep different head counts (dead heads, zero
+    output rows: layer 0 heads 1 and 3, layer 1 head 2, are the cheapest), save it, compile that
+    at -O3: one Attention per layer with the heads it kept, and the same outputs."""
+    proto = onnx.load(zoo.build("bert", size="tiny", exporter="legacy", opset=14, attention="eager"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    wo = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and "attention/output/dense" in n.name]
+    for name, dead in zip(wo, [(1, 3), (2,)]):
+        a = onnx.numpy_helper.to_array(inits[name]).copy()
+        for h in dead:
+            a[h * 16:(h + 1) * 16] = 0.0
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(a, name))
+    data = [zoo.sample_feeds("bert", proto, seed=s) for s in range(20)]
+    result = onnxopt.compile(proto, opt_level=1, prune=0.16, prune_round=1, calibration_data=data)
+    d = next(p for p in result.report["passes"] if p["name"] == "prune")["details"]
+    kept = [g["kept"] for g in d["groups"] if g["kind"] == "heads"]
+    assert kept == [2, 3], d["groups"]
+    path = tmp_path / "pruned.onnx"
+    onnx.save(result.model, path)
+    fused = assert_rewrite(3, str(path), data[0], expect_ops={"com.microsoft.Attention": 2}, rtol=1e-3)
+    heads = [helper.get_attribute_value(a) for n in fused.graph.node if n.op_type == "Attention"
+             for a in n.attribute if a.name == "num_heads"]
+    assert heads == kept
