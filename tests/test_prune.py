@@ -167,8 +167,10 @@ def test_declines_concat_grouped_layernorm_output():
              [_f("x", [1, 4, 6, 6])], [_f("y", [1, 4, 6, 6])],
              {**w, "k": RNG.normal(size=(1, 8, 6, 6)), "w2": RNG.normal(size=(4, 16, 1, 1))}, x,
              "concatenates a constant")
+    # A grouped Conv passes whole groups on, but not with weights that are a graph input.
     _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["c", "wg"], ["y"], group=2)],
-             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x, "grouped Conv")
+             [_f("x", [1, 4, 6, 6]), _f("wg", [8, 4, 1, 1])], [_f("y", [1, 8, 6, 6])], {"w": w["w"]},
+             {**x, "wg": w["wg"].astype(np.float32)}, "grouped Conv")
     _decline([helper.make_node("Conv", ["x", "w"], ["y"])], [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x,
              "graph output")
     t = {"x": RNG.normal(size=(1, 3, 4)).astype(np.float32)}

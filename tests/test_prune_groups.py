@@ -257,3 +257,123 @@ def test_attention_fuses_on_layers_with_different_head_counts(tmp_path):
     heads = [helper.get_attribute_value(a) for n in fused.graph.node if n.op_type == "Attention"
              for a in n.attribute if a.name == "num_heads"]
     assert heads == kept
+
+
+# ---- Concat, Split and grouped Conv of channels ------------------------------------------------------
+
+IMG = (1, 3, 6, 6)
+
+
+def _img(n=1):
+    return [{"x": RNG.normal(size=IMG).astype(np.float32)} for _ in range(n)]
+
+
+def _conv_tail(cin, dead, name="c"):
+    """The consumer Conv cin -> 4 (3x3) with the input channels `dead` zeroed in its weight."""
+    w = RNG.normal(size=(4, cin, 3, 3)) / 3
+    w[:, list(dead)] = 0.0
+    return helper.make_node("Conv", [name, "wt"], ["y"], pads=[1, 1, 1, 1]), w
+
+
+def concat_model(dead=(1, 7, 12, 13), twice=False):
+    """Conv 3 -> 6 and Conv 3 -> 10, Concat along channels (offsets 0 and 6), Relu, Conv 16 -> 4."""
+    tail, wt = _conv_tail(12 if twice else 16, dead)
+    inits = {"wa": RNG.normal(size=(6, 3, 3, 3)), "ba": RNG.normal(size=6), "wb": RNG.normal(size=(10, 3, 1, 1)), "wt": wt}
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["b"]),
+             helper.make_node("Concat", ["a", "a"] if twice else ["a", "b"], ["cat"], axis=1),
+             helper.make_node("Relu", ["cat"], ["c"]), tail]
+    return _model(nodes, [_f("x", list(IMG))], [_f("y", [1, 4, 6, 6])], inits)
+
+
+def split_model(opset=17, dead=(2, 9, 10, 15), consumers=1):
+    """Conv 3 -> 16, Split [8, 8] (attribute before opset 13, input, or num_outputs at 18),
+    Relu and Sigmoid, Concat in the other order, Conv 16 -> 4 (or each half to its own Conv)."""
+    tail, wt = _conv_tail(16, dead)
+    inits = {"wp": RNG.normal(size=(16, 3, 3, 3)), "bp": RNG.normal(size=16), "wt": wt, "w1": RNG.normal(size=(4, 8, 1, 1)),
+             "w2": RNG.normal(size=(4, 8, 1, 1))}
+    split = (helper.make_node("Split", ["p"], ["s1", "s2"], axis=1, split=[8, 8]) if opset < 13 else
+             helper.make_node("Split", ["p"], ["s1", "s2"], axis=1, num_outputs=2) if opset >= 18 else
+             helper.make_node("Split", ["p", "sizes"], ["s1", "s2"], axis=1))
+    if 13 <= opset < 18:
+        inits["sizes"] = np.array([8, 8])
+    nodes = [helper.make_node("Conv", ["x", "wp", "bp"], ["p"], pads=[1, 1, 1, 1]), split,
+             helper.make_node("Relu", ["s1"], ["r1"]), helper.make_node("Sigmoid", ["s2"], ["r2"])]
+    if consumers == 1:
+        nodes += [helper.make_node("Concat", ["r2", "r1"], ["c"], axis=1), tail]
+    else:
+        nodes += [helper.make_node("Conv", ["r1", "w1"], ["y1"]), helper.make_node("Conv", ["r2", "w2"], ["y2"]),
+                  helper.make_node("Add", ["y1", "y2"], ["y"])]
+    m = _model(nodes, [_f("x", list(IMG))], [_f("y", [1, 4, 6, 6])], inits, opset=opset)
+    for t in m.graph.initializer:
+        if t.name == "sizes":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array([8, 8], np.int64), "sizes"))
+    return m
+
+
+def grouped_model(groups=4, per_out=2, dead=(2, 3, 6, 7), cut=False):
+    """Conv 3 -> 8, Relu, grouped Conv 8 -> groups * per_out (3x3, `groups` groups), Relu,
+    Conv -> 4; with `cut`, a second grouped Conv of 2 groups of 3 after one of 3 groups of 2."""
+    c = groups * per_out
+    tail, wt = _conv_tail(c, dead)
+    inits = {"wa": RNG.normal(size=(8 if not cut else 6, 3, 1, 1)), "wg": RNG.normal(size=(c, (8 if not cut else 6) // groups, 3, 3)),
+             "bg": RNG.normal(size=c), "wt": wt}
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "wg", "bg"], ["g"], group=groups, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["g"], ["c"] if not cut else ["g1"]), tail]
+    if cut:
+        inits["wg2"] = RNG.normal(size=(6, 3, 1, 1))
+        nodes.insert(4, helper.make_node("Conv", ["g1", "wg2"], ["c"], group=2))
+    return _model(nodes, [_f("x", list(IMG))], [_f("y", [1, 4, 6, 6])], inits)
+
+
+def test_concat_zero_equals_remove():
+    _, groups = _groups(concat_model(), _img()[0])
+    (g,) = [g for g in groups if not g.reason]
+    assert g.kind == "concatenated channels" and g.units == 16 and len(g.producers) == 2
+    _zero_equals_remove(concat_model(), _img()[0], "concatenated channels")
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_split_zero_equals_remove(opset):
+    _zero_equals_remove(split_model(opset), _img()[0], "concatenated channels")
+
+
+@pytest.mark.parametrize("groups,per_out", [(4, 2), (8, 2)])
+def test_grouped_conv_zero_equals_remove(groups, per_out):
+    """Groups of 2 inputs and 2 outputs, and depthwise with multiplier 2: whole groups go."""
+    proto = grouped_model(groups, per_out)
+    _, found = _groups(proto, _img()[0])
+    (g,) = [g for g in found if not g.reason]
+    assert g.units == groups and g.depthwise
+    _zero_equals_remove(proto, _img()[0], "channels")
+
+
+@pytest.mark.parametrize("model,kind", [(concat_model, "Concat"), (split_model, "Split"), (grouped_model, "grouped")])
+def test_prune_channel_kinds_oracle(model, kind):
+    """A quarter (half for grouped Conv: two of four groups) of the channels are dead: pruning as
+    many MACs removes exactly them, outputs unchanged (oracle at -O0 with prune)."""
+    frac = 0.5 if kind == "grouped" else 0.25
+    out = assert_rewrite("prune", model(), _img()[0], idempotent=False, prune=frac, prune_round=1, calibration_data=_img(20))
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    tail = next(n for n in out.graph.node if n.output[0] == "y")
+    assert w[tail.input[1]].shape[1] == (4 if kind == "grouped" else 12)
+    if kind == "grouped":
+        conv = next(n for n in out.graph.node if n.op_type == "Conv" and len(n.input) == 3)
+        assert [a.i for a in conv.attribute if a.name == "group"] == [2]
+    if kind == "Split":
+        split = next(n for n in out.graph.node if n.op_type == "Split")
+        # The consumer reads Concat(s2, s1): its dead inputs 2, 9, 10, 15 are s1's 1, 2, 7 and s2's 2.
+        assert w[split.input[1]].tolist() == [5, 7]
+
+
+@pytest.mark.parametrize("model,reason", [
+    (lambda: concat_model(dead=(), twice=True), "does not read every unit once"),
+    (lambda: split_model(consumers=2), "does not read every unit once"),
+    (lambda: grouped_model(groups=3, per_out=2, dead=(), cut=True), "cut through its groups"),
+])
+def test_declines_channel_kinds(model, reason):
+    _, groups = _groups(model(), _img()[0])
+    reasons = [g.reason for g in groups if g.reason]
+    assert any(reason in r for r in reasons), reasons
+    assert not [g for g in groups if not g.reason and g.units > 1 and g.kind != "channels"]

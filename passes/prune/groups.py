@@ -14,7 +14,8 @@ order the consumers read them. The walk knows:
 
 * per-element ops pass the axis on: unary activations (Relu, Clip, Sigmoid, HardSwish, Erf, IsNaN,
   ..., BiasGelu/FastGelu with their bias sliced), pools, reductions over other axes (SE squeezes),
-  Softmax over another axis, depthwise Conv (weights, bias and `group` sliced), Add/Sub/Mul/Div/Pow
+  Softmax over another axis, grouped Conv (depthwise included: whole groups, so units of one
+  channel become units of a group's channels; weights, bias and `group` sliced), Add/Sub/Mul/Div/Pow
   and Where with constants (sliced where they have the axis) or with other activations: an
   activation with the axis joins the group (residual Adds couple a whole residual stream, SE gates
   couple the expand Conv with the block it gates), one broadcast along it does not;
@@ -27,8 +28,8 @@ order the consumers read them. The walk knows:
   and context), com.microsoft MultiHeadAttention (Q, K, V heads tied; num_heads and the packed
   bias updated), Concat along the axis (each input its own range of units) and Split along it
   (each output a range: the sizes rewritten);
-* consumers end the walk: Conv input channels (group 1; grouped Conv with the units taken one per
-  group), MatMul / Gemm rows, Flatten -> Gemm / MatMul blocks of rows.
+* consumers end the walk: Conv input channels (group 1), MatMul / Gemm rows, Flatten -> Gemm /
+  MatMul blocks of rows.
 
 Anything else touching a member (a LayerNorm reducing over the axis, a graph input or output, a
 computed shape that does not follow the units) declines the whole group with the reason; nothing
@@ -138,6 +139,8 @@ class Group:
             return "heads"
         if self.concat:
             return "concatenated channels"
+        if self.splits:
+            return "split channels"
         if len(self.producers) > 1:
             return "residual stream"
         if self.producers and self.producers[0].kind == "conv":
@@ -383,13 +386,33 @@ def _grow(group: Group, first: ir.Value, layout: Layout, shape_of) -> None:
             _forward(group, user, index, v, group.members[id(v)][1], shape, shape_of, add)
 
 
-def _is_depthwise(node: ir.Node, shape_of) -> bool:
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
-        return False
+def _grouped(node: ir.Node, shape_of):
+    """(groups, inputs per group, outputs per group) of a grouped Conv with constant weights
+    (depthwise included), else None."""
+    if node.op_type != "Conv" or not _std(node) or node.attributes.get_int("group", 1) == 1:
+        return None
+    g = node.attributes.get_int("group", 1)
     w = constant_array(node.inputs[1])
     xs = shape_of(node.inputs[0])
-    return (w is not None and xs is not None and len(xs) > 1
-            and node.attributes.get_int("group", 1) == xs[1] == w.shape[0] and w.shape[1] == 1)
+    if w is None or xs is None or len(xs) < 2 or xs[1] != g * w.shape[1] or w.shape[0] % g:
+        return None
+    return g, int(w.shape[1]), int(w.shape[0]) // g
+
+
+def _through_grouped(group: Group, node: ir.Node, lay: Layout, per_from: int, per_to: int, what: str) -> Layout:
+    """A grouped Conv passes whole groups: each unit must hold whole groups (units of one
+    channel become units of a group's channels); its layout on the other side."""
+    if lay.axis != 1 or lay.outer != 1:
+        raise Decline(f"grouped Conv {node.name!r} {what} on axis {lay.axis}")
+    if per_from % lay.sub == 0:
+        group.coarsen(per_from // lay.sub)
+    if lay.sub % per_from:
+        raise Decline(f"grouped Conv {node.name!r}: units of {lay.sub} channels cut through its groups of {per_from}")
+    _owned_const(node, 1, "weight")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        _owned_const(node, 2, "bias")
+    _once(group.depthwise, node)
+    return Layout(1, lay.sub // per_from * per_to, lay.units)
 
 
 def _once(nodes: list, node: ir.Node) -> None:
@@ -405,14 +428,9 @@ def _backward(group: Group, node: ir.Node, v: ir.Value, lay: Layout, shape_of, a
     """`v` (a member) is an output of `node`: what node is to the group."""
     op = node.op_type
     kind = producer_kind(node)
-    if _is_depthwise(node, shape_of):
-        if v is not node.outputs[0] or lay.axis != 1:
-            raise Decline(f"depthwise Conv {node.name!r} output used on axis {lay.axis}")
-        _owned_const(node, 1, "weight")
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            _owned_const(node, 2, "bias")
-        group.depthwise.append(node)
-        add(node.inputs[0], lay)
+    grouped = _grouped(node, shape_of)
+    if grouped is not None and v is node.outputs[0]:
+        add(node.inputs[0], _through_grouped(group, node, lay, grouped[2], grouped[1], "output used"))
         return
     if kind is not None and v is node.outputs[0]:
         axis = _check_producer(node, kind, shape_of(v))
@@ -728,8 +746,9 @@ def _forward(group, user: ir.Node, index: int, v, lay: Layout, shape, shape_of, 
     op = user.op_type
     ms = user.domain == "com.microsoft"
     C = lay.size()
-    if _is_depthwise(user, shape_of) and index == 0:
-        add(user.outputs[0], lay)
+    grouped = _grouped(user, shape_of)
+    if grouped is not None and index == 0:
+        add(user.outputs[0], _through_grouped(group, user, lay, grouped[1], grouped[2], "input read"))
         return
     if ms and op == "MultiHeadAttention" and index in (0, 1, 2):
         _mha(group, user, lay, shape_of, add)
@@ -739,18 +758,19 @@ def _forward(group, user: ir.Node, index: int, v, lay: Layout, shape, shape_of, 
     if not ms:
         cons = _consumer(user, index, lay.axis, shape, C)
         if cons is not None:
-            if lay.outer != 1 or lay.sub != group.unit:
-                raise Decline(f"{op} {user.name!r} reads the units in another layout than one channel per element")
+            if lay.outer != 1 or lay.sub % group.unit:
+                raise Decline(f"{op} {user.name!r} reads the units in another layout than whole channels")
+            cons.block *= lay.sub // group.unit  # a grouped Conv's outputs per unit before it
             group.consumers.append(cons)
             cons.layout = lay
             return
     if op == "Flatten" and not ms and index == 0:
-        if user.attributes.get_int("axis", 1) != 1 or lay.axis != 1 or lay.sub != group.unit or lay.outer != 1:
+        if user.attributes.get_int("axis", 1) != 1 or lay.axis != 1 or lay.sub % group.unit or lay.outer != 1:
             raise Decline(f"Flatten {user.name!r} with axis != 1 or channels on axis {lay.axis}")
         flat = user.outputs[0]
         if flat.is_graph_output():
             raise Decline(f"the flattened channels reach graph output {flat.name!r}")
-        block = int(np.prod(shape[2:]))
+        block = int(np.prod(shape[2:])) * (lay.sub // group.unit)
         for use in flat.uses():
             node2, idx2 = use[0], use[1]
             fshape = shape_of(flat)
@@ -1132,12 +1152,14 @@ def apply(graph: ir.Graph, group: Group, keep: np.ndarray, tag: str = "pruned") 
         if len(node.inputs) > 3 and node.inputs[3] is not None:
             cols = np.concatenate([idx, C + idx, 2 * C + idx])
             set_const(graph, node, 3, constant_array(node.inputs[3])[cols], tag)
-    for node in group.depthwise:
+    for node in group.depthwise:  # grouped Convs: the kept groups' output channels
         idx = _positions(group, member[id(node.outputs[0])], kept)
-        set_const(graph, node, 1, constant_array(node.inputs[1])[idx], tag)
+        w = constant_array(node.inputs[1])
+        per_out = w.shape[0] // node.attributes.get_int("group", 1)
+        set_const(graph, node, 1, w[idx], tag)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             set_const(graph, node, 2, constant_array(node.inputs[2])[idx], tag)
-        node.attributes["group"] = ir.AttrInt64("group", len(idx))
+        node.attributes["group"] = ir.AttrInt64("group", len(idx) // per_out)
     for s in group.slices:
         idx = _positions(group, s.layout, kept)
         set_const(graph, s.node, s.index, np.ascontiguousarray(np.take(constant_array(s.node.inputs[s.index]), idx, axis=s.axis)), tag)
