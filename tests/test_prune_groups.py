@@ -377,3 +377,47 @@ def test_declines_channel_kinds(model, reason):
     reasons = [g.reason for g in groups if g.reason]
     assert any(reason in r for r in reasons), reasons
     assert not [g for g in groups if not g.reason and g.units > 1 and g.kind != "channels"]
+
+
+# ---- more exports at -O1: GPT-2 (causal, Conv1D), ViT, ResNet with BatchNormalization, the dynamo CNN
+# (BatchNormalization, and x.view(n, -1) -> Linear: a Reshape flattening the channels) ------------------------
+
+
+@pytest.mark.parametrize("name,exporter,opset,kind", [("gpt2", "legacy", 14, "heads"), ("gpt2", "dynamo", 18, "heads"),
+                                                       ("vit", "dynamo", 18, "heads"), ("resnet", "legacy", 13, "channels"),
+                                                       ("resnet", "legacy", 13, "residual stream"),
+                                                       ("cnn", "dynamo", 18, "channels")])
+def test_more_exports_zero_equals_remove(name, exporter, opset, kind):
+    proto = onnx.load(zoo.build(name, size="tiny", exporter=exporter, opset=opset, attention="eager"))
+    feeds = zoo.sample_feeds(name, proto)
+    proto = onnxopt.compile(proto, opt_level=1, verify_outputs=False).model
+    _zero_equals_remove(proto, feeds, kind)
+
+
+def test_batchnorm_passes_channels_and_declines_computed_statistics():
+    """-O1 keeps BatchNormalization: per channel, its four constants sliced. A scale that is a
+    graph input cannot be sliced: declined."""
+    def model(scale_input):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+                 helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]),
+                 helper.make_node("Relu", ["n"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"])]
+        inits = {"w": RNG.normal(size=(8, 3, 1, 1)), "s": RNG.normal(size=8), "b": RNG.normal(size=8),
+                 "m": RNG.normal(size=8), "v": RNG.uniform(0.5, 2, size=8), "w2": RNG.normal(size=(4, 8, 1, 1))}
+        inputs = [_f("x", list(IMG))] + ([_f("s", [8])] if scale_input else [])
+        if scale_input:
+            del inits["s"]
+        return _model(nodes, inputs, [_f("y", [1, 4, 6, 6])], inits)
+
+    _zero_equals_remove(model(False), _img()[0], "channels")
+    _, groups = _groups(model(True), {**_img()[0], "s": np.ones(8, np.float32)})
+    assert [g.reason for g in groups][0] == "scale, bias, mean and variance of BatchNormalization '' is not a constant"
+
+
+def test_declines_layernorm_over_the_channels():
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["m"]),
+                    helper.make_node("LayerNormalization", ["m", "s", "b"], ["n"], axis=-1),
+                    helper.make_node("MatMul", ["n", "w2"], ["y"])],
+                   [_f("x", [1, S, D])], [_f("y", [1, S, D])],
+                   {"w": RNG.normal(size=(D, 8)), "s": np.ones(8), "b": np.zeros(8), "w2": RNG.normal(size=(8, D))})
+    _, groups = _groups(proto, _x()[0])
+    assert [g.reason for g in groups][0] == "LayerNormalization '' normalizes over the channel axis"

@@ -471,6 +471,16 @@ def _backward(group: Group, node: ir.Node, v: ir.Value, lay: Layout, shape_of, a
             raise Decline(f"{op} {node.name!r} on channel axis {lay.axis}")
         add(node.inputs[0], lay)
         return
+    if op == "BatchNormalization":
+        _check_batchnorm(node, lay)
+        for i in range(1, 5):
+            group.slices.append(ConstSlice(node, i, 0, lay.moved(0)))
+        add(node.inputs[0], lay)
+        return
+    if op == "LayerNormalization":
+        _check_layernorm(node, lay, len(shape_of(v)))
+        add(node.inputs[0], lay)
+        return
     if op in SOFTMAX:
         _check_softmax(node, lay, len(shape_of(v)))
         add(node.inputs[0], lay)
@@ -546,6 +556,20 @@ def _check_softmax(node: ir.Node, lay: Layout, rank: int) -> None:
     axis = node.attributes.get_int("axis", -1) % rank
     if axis == lay.axis:
         raise Decline(f"{node.op_type} {node.name!r} normalizes over the units' axis")
+
+
+def _check_batchnorm(node: ir.Node, lay: Layout) -> None:
+    """An inference BatchNormalization is per channel: its four [C] constants are sliced."""
+    if lay.axis != 1 or lay.outer != 1 or node.attributes.get_int("training_mode", 0) or len(
+            [o for o in node.outputs if o.uses() or o.is_graph_output()]) > 1:
+        raise Decline(f"BatchNormalization {node.name!r} in training mode or on axis {lay.axis}")
+    for i in range(1, 5):
+        _owned_const(node, i, "scale, bias, mean and variance")
+
+
+def _check_layernorm(node: ir.Node, lay: Layout, rank: int) -> None:
+    if node.attributes.get_int("axis", -1) % rank <= lay.axis:
+        raise Decline(f"LayerNormalization {node.name!r} normalizes over the channel axis")
 
 
 def _reshape_layout(group: Group, node: ir.Node, lay: Layout, from_shape, to_shape) -> Layout:
@@ -802,6 +826,14 @@ def _forward(group, user: ir.Node, index: int, v, lay: Layout, shape, shape_of, 
     if op == "Split" and index == 0:
         _split_forward(group, user, lay, shape, shape_of, add)
         return
+    if op == "BatchNormalization" and index == 0:
+        _check_batchnorm(user, lay)
+        add(user.outputs[0], lay)
+        return
+    if op == "LayerNormalization" and index == 0:
+        _check_layernorm(user, lay, len(shape))
+        add(user.outputs[0], lay)
+        return
     if op == "Concat":
         _concat(group, user, index, lay, shape_of, add)
         return
@@ -869,7 +901,7 @@ def _shapes_after(group: Group, shape_of, kept: set):
 def _check_shapes(group: Group, shape_of, kept: set) -> None:
     after = _shapes_after(group, shape_of, kept)
     for node in group.reshapes:
-        _reshape_plan(node, after)
+        _reshape_plan(node, after, group.members[id(node.outputs[0])][1].axis)
     mine = {id(n) for n in group.reshapes}
     for node in group.shape_reads:
         for user, index, value in _shape_terminals(node.outputs[0]):
@@ -973,9 +1005,10 @@ def _resolve(spec, in_shape, allowzero: bool):
     return [int(d) for d in out]
 
 
-def _reshape_plan(node: ir.Node, after, graph: ir.Graph | None = None, tag: str = "pruned", cache=None) -> None:
-    """Check that Reshape `node` gives its output's shape under `after`; rewrite the one constant
-    entry of its target that does not follow by itself (in `graph`, when given)."""
+def _reshape_plan(node: ir.Node, after, axis: int, graph: ir.Graph | None = None, tag: str = "pruned",
+                  cache=None) -> None:
+    """Check that Reshape `node` gives its output's shape under `after`; else rewrite entry `axis`
+    of its target (the output's units axis; in `graph`, when given) if that makes it so."""
     spec = _evaluate(node.inputs[1], after)
     if spec is None:
         raise Decline(f"Reshape {node.name!r}: its target shape is computed by ops the grouping cannot follow")
@@ -984,11 +1017,10 @@ def _reshape_plan(node: ir.Node, after, graph: ir.Graph | None = None, tag: str 
     got = _resolve(spec, [int(d) for d in after(node.inputs[0])], allowzero)
     if got == want:
         return
-    wrong = [j for j, (a, b) in enumerate(zip(got, want)) if a != b]
-    if len(got) != len(want) or len(wrong) != 1:
-        raise Decline(f"Reshape {node.name!r}: target {list(np.ravel(spec))} does not follow the kept units")
-    j = wrong[0]
+    j = axis
     fixed = np.array(np.ravel(spec))
+    if len(got) != len(want) or fixed[j] <= 0:
+        raise Decline(f"Reshape {node.name!r}: target {list(np.ravel(spec))} does not follow the kept units")
     fixed[j] = want[j]
     if _resolve(fixed, after(node.inputs[0]), allowzero) != want:
         raise Decline(f"Reshape {node.name!r}: target {list(np.ravel(spec))} does not follow the kept units")
@@ -1179,7 +1211,7 @@ def apply(graph: ir.Graph, group: Group, keep: np.ndarray, tag: str = "pruned") 
     cache: dict = {}
     for node in group.reshapes:
         try:
-            _reshape_plan(node, after, graph, tag, cache)
+            _reshape_plan(node, after, group.members[id(node.outputs[0])][1].axis, graph, tag, cache)
         except Decline as exc:  # checked when the group was found: this is a bug
             raise RuntimeError(f"pruning {group.describe()}: {exc}") from exc
     for v, lay in group.members.values():
