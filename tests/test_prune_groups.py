@@ -383,15 +383,27 @@ def test_declines_channel_kinds(model, reason):
 # (BatchNormalization, and x.view(n, -1) -> Linear: a Reshape flattening the channels) ------------------------
 
 
-@pytest.mark.parametrize("name,exporter,opset,kind", [("gpt2", "legacy", 14, "heads"), ("gpt2", "dynamo", 18, "heads"),
-                                                       ("vit", "dynamo", 18, "heads"), ("resnet", "legacy", 13, "channels"),
-                                                       ("resnet", "legacy", 13, "residual stream"),
-                                                       ("cnn", "dynamo", 18, "channels")])
-def test_more_exports_zero_equals_remove(name, exporter, opset, kind):
+@pytest.mark.parametrize("name,exporter,opset,level,kind", [
+    ("gpt2", "legacy", 14, 1, "heads"), ("gpt2", "dynamo", 18, 1, "heads"), ("gpt2", "dynamo", 18, 3, "heads"),
+    ("vit", "dynamo", 18, 1, "heads"), ("resnet", "legacy", 13, 1, "channels"), ("resnet", "legacy", 13, 1, "residual stream"),
+    ("cnn", "dynamo", 18, 1, "channels"), ("mobilenetv2", "legacy", 14, 1, "channels")])
+def test_more_exports_zero_equals_remove(name, exporter, opset, level, kind):
+    """GPT-2 -O3 fuses into an Attention without a bias input; MobileNetV2 at -O1 has TF-style Pad
+    before every depthwise Conv and BatchNormalization after it."""
     proto = onnx.load(zoo.build(name, size="tiny", exporter=exporter, opset=opset, attention="eager"))
     feeds = zoo.sample_feeds(name, proto)
-    proto = onnxopt.compile(proto, opt_level=1, verify_outputs=False).model
+    proto = onnxopt.compile(proto, opt_level=level, verify_outputs=False).model
     _zero_equals_remove(proto, feeds, kind)
+
+
+def test_declines_pad_of_the_channels():
+    proto = _model([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Pad", ["c", "pads"], ["p"]),
+                    helper.make_node("Conv", ["p", "w2"], ["y"])],
+                   [_f("x", list(IMG))], [_f("y", [1, 4, 6, 6])],
+                   {"w": RNG.normal(size=(8, 3, 1, 1)), "w2": RNG.normal(size=(4, 10, 1, 1))})
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64), "pads"))
+    _, groups = _groups(proto, _img()[0])
+    assert groups[0].reason == "Pad '' pads the channel axis"
 
 
 def test_batchnorm_passes_channels_and_declines_computed_statistics():

@@ -13,8 +13,9 @@ merged QKV projection meet so. The group's units are the classes of tied ids, nu
 order the consumers read them. The walk knows:
 
 * per-element ops pass the axis on: unary activations (Relu, Clip, Sigmoid, HardSwish, Erf, IsNaN,
-  ..., BiasGelu/FastGelu with their bias sliced), pools, reductions over other axes (SE squeezes),
-  Softmax over another axis, grouped Conv (depthwise included: whole groups, so units of one
+  ..., BiasGelu/FastGelu with their bias sliced), inference BatchNormalization (its constants
+  sliced), Pad of other axes, pools, reductions over other axes (SE squeezes), Softmax or
+  LayerNormalization over other axes, grouped Conv (depthwise included: whole groups, so units of one
   channel become units of a group's channels; weights, bias and `group` sliced), Add/Sub/Mul/Div/Pow
   and Where with constants (sliced where they have the axis) or with other activations: an
   activation with the axis joins the group (residual Adds couple a whole residual stream, SE gates
@@ -247,7 +248,8 @@ def _check_producer(node: ir.Node, kind: str, shape) -> int:
         return 1
     # com.microsoft Attention
     w = _owned_const(node, 1, "packed QKV weight")
-    _owned_const(node, 2, "packed QKV bias")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        _owned_const(node, 2, "packed QKV bias")
     extra = [v for v in list(node.inputs)[4:] if v is not None]
     if extra or node.attributes.get("qkv_hidden_sizes") is not None:
         raise Decline(f"Attention {node.name!r} has past state, attention bias or qkv_hidden_sizes")
@@ -471,6 +473,10 @@ def _backward(group: Group, node: ir.Node, v: ir.Value, lay: Layout, shape_of, a
             raise Decline(f"{op} {node.name!r} on channel axis {lay.axis}")
         add(node.inputs[0], lay)
         return
+    if op == "Pad":
+        _check_pad(node, lay, len(shape_of(v)))
+        add(node.inputs[0], lay)
+        return
     if op == "BatchNormalization":
         _check_batchnorm(node, lay)
         for i in range(1, 5):
@@ -556,6 +562,22 @@ def _check_softmax(node: ir.Node, lay: Layout, rank: int) -> None:
     axis = node.attributes.get_int("axis", -1) % rank
     if axis == lay.axis:
         raise Decline(f"{node.op_type} {node.name!r} normalizes over the units' axis")
+
+
+def _check_pad(node: ir.Node, lay: Layout, rank: int) -> None:
+    """A Pad that pads nothing on the units' axis keeps them (TF-style "same" padding before a
+    depthwise Conv)."""
+    attr = node.attributes.get_ints("pads", None)
+    pads = np.asarray(attr) if attr is not None else constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = constant_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else np.arange(rank)
+    if pads is None or axes is None:
+        raise Decline(f"Pad {node.name!r} with computed pads")
+    axes = [int(a) % rank for a in np.ravel(axes)]
+    pads = np.ravel(pads)
+    if lay.axis in axes:
+        k = axes.index(lay.axis)
+        if pads[k] != 0 or pads[k + len(axes)] != 0:
+            raise Decline(f"Pad {node.name!r} pads the channel axis")
 
 
 def _check_batchnorm(node: ir.Node, lay: Layout) -> None:
@@ -825,6 +847,10 @@ def _forward(group, user: ir.Node, index: int, v, lay: Layout, shape, shape_of, 
         return
     if op == "Split" and index == 0:
         _split_forward(group, user, lay, shape, shape_of, add)
+        return
+    if op == "Pad" and index == 0:
+        _check_pad(user, lay, len(shape))
+        add(user.outputs[0], lay)
         return
     if op == "BatchNormalization" and index == 0:
         _check_batchnorm(user, lay)
@@ -1174,7 +1200,8 @@ def apply(graph: ir.Graph, group: Group, keep: np.ndarray, tag: str = "pruned") 
             heads = node.attributes.get_int("num_heads", 1)
             cols = np.concatenate([idx, C + idx, 2 * C + idx])
             set_const(graph, node, 1, np.ascontiguousarray(w[:, cols]), tag)
-            set_const(graph, node, 2, constant_array(node.inputs[2])[cols], tag)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                set_const(graph, node, 2, constant_array(node.inputs[2])[cols], tag)
             node.attributes["num_heads"] = ir.AttrInt64("num_heads", len(idx) // (C // heads))
     for node in group.mha:
         lay = member[id(node.inputs[0])]
