@@ -136,7 +136,7 @@ class Group:
 
     @property
     def kind(self) -> str:
-        if any(p.kind == "attention" for p in self.producers) or self.mha or self.core:
+        if any(p.kind == "attention" for p in self.producers) or self.mha or (self.core and self.unit > 1):
             return "heads"
         if self.concat:
             return "concatenated channels"
