@@ -154,15 +154,23 @@ def test_fused_attention_heads_zero_equals_remove():
     _zero_equals_remove(proto, feeds, "heads")
 
 
-@pytest.mark.parametrize("build,shape", [(cnn_residual, (1, 3, 8, 8)), (ffn, (1, 6, 16)), (fused_attention, (1, 6, 16))])
+def _more_kinds():
+    import test_prune_groups as T
+
+    return [(T.unfused_attention, T._x), (T.mha, T._x), (T.concat_model, T._img), (T.split_model, T._img),
+            (T.grouped_model, T._img)]
+
+
+@pytest.mark.parametrize("build,shape", [(cnn_residual, (1, 3, 8, 8)), (ffn, (1, 6, 16)), (fused_attention, (1, 6, 16))]
+                         + _more_kinds(), ids=lambda x: getattr(x, "__name__", ""))
 def test_tuner_feeds_equal_physical_pruning(build, shape):
     """What the pass measures in its one session (consumer rows of removed units zeroed and refitted
     weights given as feeds, prefix sessions included) is what it writes: the physically pruned model
-    gives the same outputs."""
+    gives the same outputs, for every group kind."""
     from onnxopt.passes.prune import structured as S
 
     proto = build()
-    feeds = {"x": RNG.normal(size=shape).astype(np.float32)}
+    feeds = shape()[0] if callable(shape) else {"x": RNG.normal(size=shape).astype(np.float32)}
     model, groups = _groups(proto, feeds)
     ok = [g for g in groups if not g.reason and g.units >= 2]
     tuner = S._Tuner(model, [c for g in ok for c in g.consumers], lambda m: _ort_session(m))
@@ -209,10 +217,15 @@ def _decline(nodes, inputs, outputs, inits, feeds, expect):
 def test_declines_concat_grouped_layernorm_output():
     x = {"x": RNG.normal(size=(1, 4, 6, 6)).astype(np.float32)}
     w = {"w": RNG.normal(size=(8, 4, 1, 1)), "wg": RNG.normal(size=(8, 4, 1, 1))}
-    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Concat", ["c", "c"], ["y"], axis=1)],
-             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 16, 6, 6])], w, x, "Concat")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Concat", ["c", "k"], ["cc"], axis=1),
+              helper.make_node("Conv", ["cc", "w2"], ["y"])],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 4, 6, 6])],
+             {**w, "k": RNG.normal(size=(1, 8, 6, 6)), "w2": RNG.normal(size=(4, 16, 1, 1))}, x,
+             "concatenates a constant")
+    # A grouped Conv passes whole groups on, but not with weights that are a graph input.
     _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["c", "wg"], ["y"], group=2)],
-             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x, "grouped Conv")
+             [_f("x", [1, 4, 6, 6]), _f("wg", [8, 4, 1, 1])], [_f("y", [1, 8, 6, 6])], {"w": w["w"]},
+             {**x, "wg": w["wg"].astype(np.float32)}, "grouped Conv")
     _decline([helper.make_node("Conv", ["x", "w"], ["y"])], [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x,
              "graph output")
     t = {"x": RNG.normal(size=(1, 3, 4)).astype(np.float32)}
@@ -223,8 +236,8 @@ def test_declines_concat_grouped_layernorm_output():
     _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Conv", ["c", "w2"], ["y"], auto_pad="SAME_UPPER")],
              [_f("x", [1, 4, 6, 6])], [_f("y", [1, 4, 6, 6])],
              {"w": RNG.normal(size=(8, 4, 1, 1)), "w2": RNG.normal(size=(4, 8, 3, 3))}, x, "auto_pad")
-    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Transpose", ["c"], ["y"], perm=[0, 2, 3, 1])],
-             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 6, 6, 8])], w, x, "which the grouping does not know")
+    _decline([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("LRN", ["c"], ["y"], size=3)],
+             [_f("x", [1, 4, 6, 6])], [_f("y", [1, 8, 6, 6])], w, x, "which the grouping does not know")
 
 
 # ---- the pass -------------------------------------------------------------------------------

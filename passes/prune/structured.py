@@ -136,13 +136,16 @@ def _macs(node: ir.Node, shape_of) -> float:
         seq = float(x[-2])
         # QKV projection, then scores and context: 2 * seq * D per token.
         return tokens * float(w[0]) * float(w[1]) + 2.0 * tokens * seq * float(w[1]) / 3.0
+    if op == "MultiHeadAttention":  # scores and context: 2 * key length * D per query token
+        q, k = shape_of(node.inputs[0]), shape_of(node.inputs[1])
+        return 2.0 * float(np.prod(q[:-1])) * float(k[-2]) * float(q[-1]) if q is not None and k is not None else 0.0
     return 0.0
 
 
 def _layer_nodes(group: G.Group):
     """(node, role) of every layer whose MACs scale with the group's kept fraction."""
     return ([(p.node, "out") for p in group.producers] + [(c.node, "in") for c in group.consumers]
-            + [(n, "dw") for n in group.depthwise])
+            + [(n, "dw") for n in group.depthwise] + [(n, "core") for n in group.core])
 
 
 def _layout(c: G.Consumer, m: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -597,8 +600,7 @@ class PrunePass(OptPass):
             keep = G.unit_channels(g, sorted(set(range(g.units)) - set(orders[i][: removed[i]])))
             if removed[i]:
                 G.apply(graph, g, keep)
-            for p in g.producers:
-                kept_out[id(p.node)] = keep
+            kept_out.update(G.kept_columns(g, keep))
         for jj, (w_new, b_new, _) in fitted.items():
             c, site = consumers[jj], sites[jj]
             cols = kept_out.get(id(c.node))
