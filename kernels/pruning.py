@@ -50,6 +50,18 @@ class Gram:
     def mean(self) -> np.ndarray:
         return self.aa / max(self.rows, 1)
 
+    def merge(self, other: "Gram") -> "Gram":
+        """A new Gram of both row sets together (sharded statistics): the sums added, `self` first,
+        so merging shards in index order fixes the float summation order."""
+        if (self.bias, self.aa.shape, None if self.az is None else self.az.shape) != (
+                other.bias, other.aa.shape, None if other.az is None else other.az.shape):
+            raise ValueError("cannot merge Gram matrices of different features")
+        out = Gram.__new__(Gram)
+        out.bias, out.rows = self.bias, self.rows + other.rows
+        out.aa = self.aa + other.aa
+        out.az = None if self.az is None else self.az + other.az
+        return out
+
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """Patches of an NCHW input as rows [N*OH*OW, C*kh*kw], columns ordered like W.reshape(Cout, -1)."""
