@@ -58,7 +58,7 @@ from onnxopt.kernels import calibration, fidelity, quantize
 from onnxopt.passes.int8 import calibration_data
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.int8.calibration_data import CalibrationError
-from onnxopt.passes._lib.graph import constant_array, run_shards
+from onnxopt.passes._lib.graph import constant_array
 from onnxopt.passes.registry import register
 from onnxopt.passes.int8 import qdq, statistics
 from onnxopt.passes.int8.control import MARGIN_RULES, _Act, _EvalGraph, _Samples
@@ -159,25 +159,9 @@ class QuantizeInt8Pass(OptPass):
         (at most VALIDATION_KEPT) validation samples; for top1, every sample's float top-2 margins.
         One streamed pass over the data, shard by shard (statistics.calibrate_shard), on this process
         or the shard runner's workers, the shards' statistics merged in shard order."""
-        graph = model.graph
-        inputs = {v.name for v in graph.inputs}
-        out_names = [v.name for v in graph.outputs]
-        # Activations that are graph inputs come from the feed; those that are outputs already are fetched once.
-        job = statistics.Job(
-            specs=tuple(calibration_data.input_specs(model)), inputs=frozenset(inputs), out_names=tuple(out_names),
-            act_names=tuple(v.name for v in acts if v.name not in inputs and v.name not in out_names),
-            acts=tuple(v.name for v in acts), mean_axes=dict(mean_axes), plan=plan, top1=top1)
-        merged: list[statistics.Statistics] = []
         t0 = time.perf_counter()
-
-        def take(index: int, st: statistics.Statistics) -> None:
-            merged[:] = [merged[0].merge(st) if merged else st]
-            self._progress("calibrating", merged[0].samples, source.count)
-
-        run_shards({**self.options, "make_session": make_session}, model,
-                   [v for v in acts if v.name not in inputs and not v.is_graph_output()],
-                   statistics.calibrate_shard, source.shards(), job, take)
-        st = merged[0] if merged else statistics.Statistics.empty(job)
+        st = statistics.calibrate({**self.options, "make_session": make_session}, model, acts, mean_axes, source,
+                                  plan, top1, lambda done: self._progress("calibrating", done, source.count))
         n_calib, n_val, validation = st.calibration, st.held, st.validation
         if n_calib < 1 or n_calib + n_val < calibration_data.MIN_SAMPLES:
             raise CalibrationError(f"calibration data has {n_calib + n_val} sample(s), {calibration_data.MIN_SAMPLES} needed")

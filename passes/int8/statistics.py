@@ -15,7 +15,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import onnx_ir as ir
+
 from onnxopt.kernels import calibration, fidelity
+from onnxopt.passes._lib.graph import run_shards
+from onnxopt.passes.int8 import calibration_data
 from onnxopt.passes.int8.calibration_data import CalibrationError, InputSpec, Shard, Split
 from onnxopt.passes.int8.layers import FIT_SAMPLES, VALIDATION_KEPT, _float_outputs
 
@@ -99,3 +103,26 @@ def calibrate_shard(session, shard: Shard, job: Job) -> Statistics:
         if len(st.fit) < FIT_SAMPLES:
             st.fit.append((feed, ref))
     return st
+
+
+def calibrate(options: dict, model: ir.Model, acts: list[ir.Value], mean_axes: dict[str, int], source, plan: Split,
+              top1: bool, progress=None) -> Statistics:
+    """The merged statistics of every shard of `source` (histograms of `acts`, channel sums of those
+    in `mean_axes`), computed where `options["shard_runner"]` says (passes._lib.graph.run_shards);
+    `progress(samples done)` after each shard."""
+    inputs = {v.name for v in model.graph.inputs}
+    out_names = [v.name for v in model.graph.outputs]
+    # Activations that are graph inputs come from the feed; those that are outputs already are fetched once.
+    job = Job(specs=tuple(calibration_data.input_specs(model)), inputs=frozenset(inputs), out_names=tuple(out_names),
+              act_names=tuple(v.name for v in acts if v.name not in inputs and v.name not in out_names),
+              acts=tuple(v.name for v in acts), mean_axes=dict(mean_axes), plan=plan, top1=top1)
+    merged = [Statistics.empty(job)]
+
+    def take(index: int, st: Statistics) -> None:
+        merged[0] = st if index == 0 else merged[0].merge(st)
+        if progress is not None:
+            progress(merged[0].samples)
+
+    run_shards(options, model, [v for v in acts if v.name not in inputs and not v.is_graph_output()],
+               calibrate_shard, source.shards(), job, take)
+    return merged[0]
