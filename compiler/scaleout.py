@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -150,32 +151,38 @@ def _failed(shard, tries: int, why: str) -> CompileError:
 
 # ---- local worker processes ----------------------------------------------------------------------
 
-def _worker_main(conn, parts, optimize: bool, threads: int, kill) -> None:
-    """A worker process: one session, then shards until told to stop. Ctrl-C goes to the driver,
-    which stops the workers itself."""
+def _worker_main(conn, parts_file: str, optimize: bool, threads: int, kill) -> None:
+    """A worker process: one session (its parts read from the driver's file), then shards until
+    told to stop. Ctrl-C goes to the driver, which stops the workers itself; a driver gone away
+    ends the worker quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        session = verify.session_from_parts(parts, optimize, threads)
+        with open(parts_file, "rb") as f:
+            session = verify.session_from_parts(pickle.load(f), optimize, threads)
     except Exception as exc:  # noqa: BLE001 - said by the driver, in one line
         conn.send(("fatal", _line(exc)))
         return
-    del parts
     conn.send(("ready", None))
     while True:
-        task = conn.recv()
+        try:
+            task = conn.recv()
+        except (EOFError, OSError, pickle.UnpicklingError):
+            return
         if task is None:
             return
         work, shard, job = task
         try:
             conn.send(_attempt(session, work, shard, job, kill))
+        except (EOFError, OSError):
+            return
         except Exception as exc:  # noqa: BLE001 - a fault: the driver retries the shard
             conn.send(("error", _line(exc)))
 
 
 class _Worker:
-    def __init__(self, ctx, parts, optimize, threads, kill):
+    def __init__(self, ctx, parts_file, optimize, threads, kill):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, parts, optimize, threads, kill), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, parts_file, optimize, threads, kill), daemon=True)
         self.proc.start()
         child.close()
         self.shard = None
@@ -199,7 +206,6 @@ class Processes:
         import multiprocessing as mp
         from multiprocessing.connection import wait
 
-        parts = session_of(model, verify.session_parts, extra)
         ctx = mp.get_context("spawn")  # no fork of a process with onnxruntime's threads
         ordered = _Ordered(take)
         tries: dict[int, int] = {}
@@ -208,7 +214,11 @@ class Processes:
         exhausted = False
         # Results wait in `ordered` until the shards before them are in; do not run too far ahead.
         window = 2 * self.workers
-        with _kill_hook() as kill:
+        with _kill_hook() as kill, tempfile.TemporaryDirectory(prefix="onnxopt-workers-") as tmp:
+            # The session's parts, written once for every worker to read (not pickled down each pipe).
+            parts = os.path.join(tmp, "session.pickle")
+            with open(parts, "wb") as f:
+                pickle.dump(session_of(model, verify.session_parts, extra), f, protocol=5)
             pool = [_Worker(ctx, parts, optimize, self.threads, kill) for _ in range(self.workers)]
             try:
                 while True:
