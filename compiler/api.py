@@ -138,7 +138,8 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     `enable`, `disable`, `fold_initializer_inputs`, `verify_outputs`, `input_shapes`, `input_data`,
     `tolerance`, `inference_dropout`, `fp16`, `fp16_io`, `int8`, `calibration_data`,
     `calibration_samples`, `calibration_method`, `int8_min_cosine`, `int8_metric`, `int8_target`,
-    `int8_reduce_range`, `progress`, `prune`, `prune_round`, `prune_min_cosine`, `base_dir`.
+    `int8_reduce_range`, `progress`, `prune`, `prune_round`, `prune_min_cosine`, `base_dir`, `workers`,
+    `ray`, `threads`.
 
     Raises CompileError with a one-line message on bad input, or when verification finds that an
     exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
@@ -159,7 +160,9 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     called as calibration and the fidelity control advance. `prune=F` (with `calibration_data`)
     removes the fraction F of the prunable MACs by structured pruning with reconstruction
     (onnxopt.passes.prune), kept counts rounded to multiples of `prune_round`, backing off until the
-    held-out min cosine reaches `prune_min_cosine` when given.
+    held-out min cosine reaches `prune_min_cosine` when given. `workers` (local processes) or `ray`
+    (a Ray address or "auto") compute the calibration statistics in shards, each worker's session with
+    `threads` intra-op threads; the output is the same to the bit (onnxopt.scaleout).
     """
     if options is None:
         options = CompileOptions.from_keywords(opt_level=opt_level, target=target, **keywords)

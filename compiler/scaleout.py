@@ -247,10 +247,12 @@ class Processes:
                             why = message[1] if message else f"worker process exited with code {w.proc.exitcode}"
                             shard, w.shard = w.shard, None
                             if message is None:
+                                if not w.ready:  # it could not even start: so would its replacement
+                                    raise CompileError(f"a calibration worker failed to start: {why}")
                                 w.stop()
                                 pool[i] = _Worker(ctx, parts, optimize, self.threads, kill)
                             if shard is None:
-                                raise CompileError(f"a calibration worker failed before taking a shard: {why}")
+                                continue
                             if tries[shard.index] > RETRIES:
                                 raise _failed(shard, tries[shard.index], why)
                             queue.appendleft(shard)
