@@ -297,8 +297,14 @@ def _each_node(args, settings) -> int:
     paths = [node_report_path(args.output, k, rep["device"]["id"]) for k, rep in enumerate(reports)] \
         if args.output else []
     _check_files(args.models, "the input model", [(str(p), "a node's report") for p in paths])
-    for rep, path in zip(reports, paths):
-        schema.save(rep, path)
+    if paths:  # all the node reports or none (compiler/files.py)
+        from onnxopt.files import commit, remove_staging, staging_dir
+
+        folder = staging_dir(paths[0])
+        try:
+            commit([(schema.save(rep, folder / path.name), path) for rep, path in zip(reports, paths)])
+        finally:
+            remove_staging([folder])
     if not args.quiet:
         if len(reports) > 1:
             print(compare.markdown(compare.build(reports)))

@@ -16,6 +16,7 @@ import pytest
 import onnxopt
 from onnxopt import cli, load, scaleout, verify
 from onnxopt.bench import zoo
+from onnxopt.kernels import calibration
 from onnxopt.passes.int8 import calibration_data, statistics
 
 SAMPLES = 512  # 8 shards of calibration_data.SHARD_SAMPLES
@@ -66,6 +67,9 @@ def _assert_same(a: statistics.Statistics, b: statistics.Statistics) -> None:
         np.testing.assert_array_equal(h.counts, g.counts)
         assert (h.edge, h.zeros, h.min, h.max, h.min_count, h.max_count) == (
             g.edge, g.zeros, g.min, g.max, g.min_count, g.max_count)
+    for name in a.hists:  # and so the thresholds
+        assert calibration.activation_range(a.hists[name], "entropy", unsigned=True) == \
+            calibration.activation_range(b.hists[name], "entropy", unsigned=True)
     for name, s in a.sums.items():
         assert s.count == b.sums[name].count
         np.testing.assert_array_equal(s.sum, b.sums[name].sum)  # float sums: the same bits
