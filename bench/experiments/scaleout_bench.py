@@ -1,7 +1,9 @@
 """Sharded int8 calibration (onnxopt.scaleout): throughput with 1 and 2 workers, the driver's memory
 from 512 to 4096 samples, and the MiniLM output model of 2 Ray workers against one process.
 
-    python -m onnxopt.bench.experiments.scaleout_bench [--no-compile] [-o bench/results/scaleout.json]
+    python -m onnxopt.bench.experiments.scaleout_bench [--parts throughput,memory,compile] [-o bench/results/scaleout.json]
+
+(`--parts` reruns only those parts, keeping the others' figures from the existing output file.)
 
 Model: all-MiniLM-L6-v2 (real weights), real English sentences (int8_bench.real_sentences) tokenized
 to 64 tokens, written as a folder of .npz files of 8 samples each (the 585 sentences repeated for 4096).
@@ -9,7 +11,8 @@ to 64 tokens, written as a folder of .npz files of 8 samples each (the 585 sente
 * throughput: int8's calibration statistics (statistics.calibrate: every quantizable MatMul input's
   histogram, the bias-correction channel sums) of 512 samples, through this process (1 thread),
   1 and 2 local worker processes and 2 Ray tasks (1 thread each); wall time from the call to the
-  merged statistics, worker start-up included. Runs alternate, `--repeats` rounds, medians reported.
+  merged statistics, worker start-up included; also the inference time summed over the shards (the
+  work the workers did). Runs alternate, `--repeats` rounds, medians reported.
 * memory: the driver's peak traced heap (tracemalloc: Python and numpy allocations) during the
   statistics of 512 and 4096 samples through 2 worker processes, which read the files themselves.
 * compile: `onnxopt.compile(minilm, int8=True)` on the 512 samples (8 shards) in one process and over
@@ -46,8 +49,9 @@ def _folder(root: Path, feeds: list[dict], n: int) -> Path:
     return folder
 
 
-def _statistics(path: str, folder: Path, runner) -> float:
-    """Seconds to the merged calibration statistics of `folder` through `runner`."""
+def _statistics(path: str, folder: Path, runner) -> tuple[float, float]:
+    """Seconds to the merged calibration statistics of `folder` through `runner`, and the seconds of
+    inference summed over its shards."""
     model = load.load(path)
     # The activations int8 calibrates: every input of a MatMul by a constant weight.
     acts = list({id(n.inputs[0]): n.inputs[0] for n in model.graph
@@ -57,16 +61,17 @@ def _statistics(path: str, folder: Path, runner) -> float:
     st = statistics.calibrate({"make_session": verify.session, "shard_runner": runner}, model, acts,
                               {v.name: -1 for v in acts}, source, calibration_data.split_plan(source.count), False)
     assert st.samples == source.count
-    return time.perf_counter() - t
+    return time.perf_counter() - t, st.inference_s
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.scaleout_bench",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the MiniLM compile comparison")
+    p.add_argument("--parts", default="throughput,memory,compile")
     p.add_argument("-o", "--output", default="bench/results/scaleout.json")
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
 
     import ray
 
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     path = zoo.build("minilm")
     feeds = _minilm_feeds(real_sentences())
-    out: dict = {"machine": machine(), "model": "minilm (all-MiniLM-L6-v2)", "seq": MINILM_SEQ,
+    previous = json.loads(Path(args.output).read_text()) if parts != {"throughput", "memory", "compile"} else {}
+    out: dict = {**previous, "machine": machine(), "model": "minilm (all-MiniLM-L6-v2)", "seq": MINILM_SEQ,
                  "samples_per_file": PER_FILE, "shard_samples": calibration_data.SHARD_SAMPLES,
                  "note": "2-core VM shared with two other agents' jobs: timings are contended"}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -87,26 +93,32 @@ def main(argv: list[str] | None = None) -> int:
                        "1 worker process, 1 thread": lambda: scaleout.Processes(1, 1),
                        "2 worker processes, 1 thread each": lambda: scaleout.Processes(2, 1),
                        "2 Ray tasks, 1 thread each": lambda: scaleout.RayTasks("auto", 2, 1)}
-            times: dict[str, list[float]] = {k: [] for k in runners}
-            for _ in range(args.repeats):
-                for name, make in runners.items():
-                    times[name].append(_statistics(path, small, make()))
-            base = stats.median(times["1 worker process, 1 thread"])
-            out["throughput_512"] = {name: {"median_s": round(stats.median(t), 2), "runs_s": [round(x, 2) for x in t],
-                                            "samples_per_s": round(512 / stats.median(t), 1),
-                                            "speedup_vs_1_worker": round(base / stats.median(t), 2)}
-                                     for name, t in times.items()}
-            memory = {}
-            for n, folder in ((512, small), (4096, large)):
-                tracemalloc.start()
-                seconds = _statistics(path, folder, scaleout.Processes(2, 1))
-                _, peak = tracemalloc.get_traced_memory()
-                tracemalloc.stop()
-                memory[n] = {"driver_peak_traced_mb": round(peak / 2**20, 2), "seconds": round(seconds, 1)}
-            memory["ratio_4096_vs_512"] = round(memory[4096]["driver_peak_traced_mb"] /
-                                                memory[512]["driver_peak_traced_mb"], 3)
-            out["driver_memory_2_workers"] = memory
-            if not args.no_compile:
+            if "throughput" in parts:
+                times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+                for _ in range(args.repeats):
+                    for name, make in runners.items():
+                        times[name].append(_statistics(path, small, make()))
+                base = stats.median(t for t, _ in times["1 worker process, 1 thread"])
+                out["throughput_512"] = {}
+                for name, runs in times.items():
+                    wall = stats.median(t for t, _ in runs)
+                    out["throughput_512"][name] = {
+                        "median_s": round(wall, 2), "runs_s": [round(t, 2) for t, _ in runs],
+                        "samples_per_s": round(512 / wall, 1), "speedup_vs_1_worker": round(base / wall, 2),
+                        "inference_s_summed_over_shards": round(stats.median(i for _, i in runs), 2)}
+                out["load_avg_1m_after_throughput"] = round(__import__("os").getloadavg()[0], 2)
+            if "memory" in parts:
+                memory = {}
+                for n, folder in ((512, small), (4096, large)):
+                    tracemalloc.start()
+                    seconds, _ = _statistics(path, folder, scaleout.Processes(2, 1))
+                    _, peak = tracemalloc.get_traced_memory()
+                    tracemalloc.stop()
+                    memory[str(n)] = {"driver_peak_traced_mb": round(peak / 2**20, 2), "seconds": round(seconds, 1)}
+                memory["ratio_4096_vs_512"] = round(memory["4096"]["driver_peak_traced_mb"] /
+                                                    memory["512"]["driver_peak_traced_mb"], 3)
+                out["driver_memory_2_workers"] = memory
+            if "compile" in parts:
                 compiled = {}
                 for name, kw in (("one process", {}), ("2 Ray workers", {"ray": "auto", "workers": 2})):
                     t = time.perf_counter()
@@ -131,14 +143,17 @@ def _markdown(out: dict) -> str:
     lines = [f"# Sharded int8 calibration (MiniLM-L6, seq {out['seq']}, shards of {out['shard_samples']} samples)", "",
              f"{m['cpu']}, {m['cores']} cores; {out['note']}.", "",
              "## Calibration statistics of 512 samples (worker start-up included)", "",
-             "| runner | median s | samples/s | speedup vs 1 worker | runs s |", "|---|---:|---:|---:|---|"]
+             "| runner | median s | samples/s | speedup vs 1 worker | inference s (summed over shards) | runs s |",
+             "|---|---:|---:|---:|---:|---|"]
     for name, r in out["throughput_512"].items():
         lines.append(f"| {name} | {r['median_s']} | {r['samples_per_s']} | {r['speedup_vs_1_worker']}x | "
-                     f"{', '.join(map(str, r['runs_s']))} |")
+                     f"{r.get('inference_s_summed_over_shards', '')} | {', '.join(map(str, r['runs_s']))} |")
+    if "load_avg_1m_after_throughput" in out:
+        lines.append(f"\nload average (1 min) after the throughput runs: {out['load_avg_1m_after_throughput']}")
     mem = out["driver_memory_2_workers"]
     lines += ["", "## Driver memory, 2 worker processes (folder of .npz files, 8 samples each)", "",
               "| samples | driver peak traced heap MB | seconds |", "|---:|---:|---:|"]
-    for n in (512, 4096):
+    for n in ("512", "4096"):
         lines.append(f"| {n} | {mem[n]['driver_peak_traced_mb']} | {mem[n]['seconds']} |")
     lines.append(f"\nratio 4096 / 512: {mem['ratio_4096_vs_512']}")
     c = out.get("minilm_int8_compile_512")
