@@ -12,40 +12,79 @@ attention head). G = E[a a^T] is the Gram of the dense inputs.
   removed greedily, each step at its true marginal cost given the earlier removals.
 * Both are divided by the consumer's output energy tr(W^T G W), so costs of different layers
   and kinds are relative errors and can be ranked together.
+* The refit of a consumer on the pruned model's inputs is a ridge least squares toward a prior
+  (the one-step OBS refit); its strength is chosen by two-fold cross-validation over the
+  calibration samples, beside a refit of per-row scales only (few unknowns: it holds when rows are
+  scarce).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Ridge damping relative to the mean diagonal of the Gram matrix. Measured on MiniLM at 25% (held-out
-# sentences, pooled-embedding cosine min / mean): 0.01 -> 0.859 / 0.916, 0.1 -> 0.867 / 0.933,
-# 1.0 -> 0.894 / 0.934: calibration tokens are few and correlated, a strong pull toward the
-# dense weights generalizes best.
-DAMP = 1.0
+# OBS damping (the order within a group, its costs, and the one-step refit used as the prior)
+# relative to the mean diagonal of the Gram matrix. Measured on MiniLM at 25% (160 held-out
+# sentences, pooled-embedding cosine min / mean): 0.01 -> 0.830 / 0.952, 0.1 -> 0.870 / 0.959,
+# 1.0 -> 0.869 / 0.947.
+DAMP = 0.1
 
 
 class Gram:
     """Running sums of a a^T (float64), of a, and optionally of a z^T for a second input z.
 
-    Memory is fixed by the feature sizes, whatever the number of rows streamed in."""
+    Rows are buffered up to FLUSH_ROWS and added in one product (a few rows per sample make
+    small, slow matrix products); memory is fixed by the feature sizes, whatever the number of
+    rows streamed in."""
+
+    FLUSH_ROWS = 2048
 
     def __init__(self, k: int, k_cross: int | None = None, bias: bool = False) -> None:
         self.bias = bias
         kk = k + (1 if bias else 0)
-        self.aa = np.zeros((kk, kk))
-        self.az = np.zeros((kk, k_cross)) if k_cross is not None else None
+        self._aa = np.zeros((kk, kk))
+        self._az = np.zeros((kk, k_cross)) if k_cross is not None else None
+        self._buf: list = []
+        self._buffered = 0
         self.rows = 0
 
     def update(self, a: np.ndarray, z: np.ndarray | None = None) -> None:
-        a = np.asarray(a, dtype=np.float64).reshape(-1, a.shape[-1])
-        if self.bias:
-            a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
-        self.aa += a.T @ a
-        if self.az is not None:
-            z = np.asarray(z, dtype=np.float64).reshape(a.shape[0], -1)
-            self.az += a.T @ z
+        a = np.asarray(a).reshape(-1, a.shape[-1])
+        if self._az is not None:
+            z = np.asarray(z).reshape(a.shape[0], -1)
+        self._buf.append((a, z))
+        self._buffered += a.shape[0]
         self.rows += a.shape[0]
+        if self._buffered >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        # The product of one buffer (at most FLUSH_ROWS rows) in float32, summed into float64: a
+        # float64 product costs twice as much, and its rounding over a few thousand rows is far
+        # below the ridge damping every solve adds.
+        if not self._buf:
+            return
+        a = np.concatenate([x for x, _ in self._buf]).astype(np.float32)
+        if self.bias:
+            a = np.concatenate([a, np.ones((a.shape[0], 1), np.float32)], axis=1)
+        self._aa += a.T @ a
+        if self._az is not None:
+            self._az += a.T @ np.concatenate([z for _, z in self._buf]).astype(np.float32)
+        self._buf, self._buffered = [], 0
+
+    @property
+    def aa(self) -> np.ndarray:
+        self._flush()
+        return self._aa
+
+    @property
+    def az(self) -> np.ndarray | None:
+        self._flush()
+        return self._az
+
+    @property
+    def features(self) -> int:
+        """Columns of [a (, 1)]."""
+        return self._aa.shape[0]
 
     def mean(self) -> np.ndarray:
         return self.aa / max(self.rows, 1)
@@ -142,20 +181,24 @@ class ObsConsumer:
         return cost
 
 
-def obs_order(consumers: list[ObsConsumer], units: int, chunks: list[int]) -> tuple[list[int], list[float]]:
+def obs_order(consumers: list[ObsConsumer], units: int, chunks: list[int],
+              snapshots=()) -> tuple[list[int], list[float], dict[int, list[np.ndarray]]]:
     """Greedy removal order of `units` units, in chunks of the given sizes (sum < units):
     each chunk is the units of lowest current cost over all consumers, removed jointly.
-    Returns (order of removed units, relative cost of each chunk)."""
+    Returns (order of removed units, relative cost of each chunk, {t: each consumer's compensated
+    W after the first t chunks} for t in `snapshots`)."""
     alive = np.ones(units, dtype=bool)
-    order, costs = [], []
-    for size in chunks:
+    order, costs, snaps = [], [], {}
+    for t, size in enumerate(chunks, start=1):
         cand = np.flatnonzero(alive)
         total = sum(c.unit_costs(cand) for c in consumers)
         pick = cand[np.argsort(total, kind="stable")[:size]]
         costs.append(sum(c.remove(pick) for c in consumers))
         alive[pick] = False
         order.extend(int(u) for u in pick)
-    return order, costs
+        if t in snapshots:
+            snaps[t] = [c.w.copy() for c in consumers]
+    return order, costs, snaps
 
 
 def chunk_sizes(units: int, unit_channels: int, round_to: int, floor_units: int, steps: int = 64) -> list[int]:
@@ -206,23 +249,98 @@ def allocate(chunks: list[list[int]], costs: list[list[float]], saving, budget: 
     return taken
 
 
-def ridge_refit(gram: Gram, w_dense: np.ndarray, b_dense: np.ndarray | None, w_init: np.ndarray,
-                b_init: np.ndarray | None, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least squares of y_dense = W_dense^T a_dense + b on the pruned inputs a (rows kept), ridge
-    toward (w_init, b_init): solves (A^T A + lam I) [W; b] = A^T y + lam [W0; b0] in float64.
+def compensated(w: np.ndarray, g: np.ndarray, rows: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """W with `rows` removed and the others refitted optimally on the dense inputs (one OBS step):
+    W_K' = W_K + (G + lam I)_KK^-1 (G + lam I)_KS W_S, W_S' = 0. With a bias row last in W and the
+    ones column last in G (never in `rows`), the bias absorbs the mean of what was removed."""
+    gd = _damped(np.asarray(g, dtype=np.float64), damp)
+    removed = np.zeros(g.shape[0], dtype=bool)
+    removed[rows] = True
+    k = ~removed
+    out = np.array(w, dtype=np.float64)
+    if removed.any():
+        out[k] += np.linalg.solve(gd[np.ix_(k, k)], gd[np.ix_(k, removed)] @ out[removed])
+        out[removed] = 0.0
+    return out
 
-    `gram` holds sums over the same rows of [a, 1] [a, 1]^T (bias column when fitting a bias) and
-    of [a, 1] a_dense^T."""
-    aa = gram.aa
-    lam = damp * max(float(np.mean(np.diag(aa))), 1e-12)
+
+# Ridge strengths tried for a refit, relative to the mean diagonal of the (half) Gram matrix; the
+# one with the least error on the other half of the calibration samples is used.
+RIDGE_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def _target(gram: Gram, w_dense: np.ndarray, b_dense: np.ndarray | None) -> np.ndarray:
+    """Sum over rows of [a, 1] (W_dense^T a_dense + b)^T."""
     target = gram.az @ w_dense.astype(np.float64)
-    init = w_init.astype(np.float64)
     if gram.bias:
         b = np.zeros(w_dense.shape[1]) if b_dense is None else b_dense.astype(np.float64)
         # The ones column sums to the row count: A^T (1 b^T) is the column of sums times b.
-        target = target + aa[:, -1:] * b[None, :]
-        init = np.concatenate([init, (np.zeros_like(b) if b_init is None else b_init.astype(np.float64))[None]], 0)
-    sol = np.linalg.solve(aa + lam * np.eye(aa.shape[0]), target + lam * init)
-    if gram.bias:
-        return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
-    return sol.astype(np.float32), None
+        target = target + gram.aa[:, -1:] * b[None, :]
+    return target
+
+
+def _scale_fit(aa: np.ndarray, bias: bool, target: np.ndarray, prior: np.ndarray, damp: float = 1e-3) -> np.ndarray:
+    """The prior with one scale per input row (and a free bias) fitted by least squares: W' = diag(s) P,
+    b' free; K + N unknowns instead of K x N, so it holds with few calibration rows (the "mask tuning"
+    of post-training transformer pruning). `prior` is [K (+1), N] like the solution; s is pulled
+    toward 1 and b toward the prior's bias by `damp` of the system's mean diagonal. `aa` is the sum
+    of [a, 1] [a, 1]^T (ones column last when `bias`), `target` the sum of [a, 1] y^T."""
+    k = prior.shape[0] - (1 if bias else 0)
+    p = prior[:k]
+    m_ss = aa[:k, :k] * (p @ p.T)
+    rhs_s = np.sum(target[:k] * p, axis=1)
+    if bias:
+        sums, rows = aa[:k, -1], aa[-1, -1]
+        n = p.shape[1]
+        m_sb = sums[:, None] * p
+        m = np.block([[m_ss, m_sb], [m_sb.T, rows * np.eye(n)]])
+        rhs = np.concatenate([rhs_s, target[-1]])
+        x0 = np.concatenate([np.ones(k), prior[-1]])
+    else:
+        m, rhs, x0 = m_ss, rhs_s, np.ones(k)
+    lam = damp * max(float(np.mean(np.diag(m))), 1e-12)
+    x = np.linalg.solve(m + lam * np.eye(len(x0)), rhs + lam * x0)
+    out = p * x[:k, None]
+    return np.concatenate([out, x[k:][None]], 0) if bias else out
+
+
+def ridge_refit(halves: list[Gram], w_dense: np.ndarray, b_dense: np.ndarray | None, w_init: np.ndarray,
+                b_init: np.ndarray | None, grid=RIDGE_GRID, scales: bool = True) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Least squares of y_dense = W_dense^T a_dense + b on the pruned inputs a, ridge toward
+    (w_init, b_init): solves (A^T A + lam I) [W; b] = A^T y + lam [W0; b0] in float64.
+
+    `halves` are two Grams over disjoint halves of the calibration samples (sums of [a, 1] [a, 1]^T
+    and of [a, 1] a_dense^T). lam is chosen from `grid` (times the mean diagonal of a half's Gram)
+    by two-fold cross-validation, beside the prior with per-row scales refitted (`_scale_fit`,
+    when `scales`); the winner is then solved on both halves.
+    Returns (W, b or None, the relative ridge strength chosen or "scale")."""
+    bias = halves[0].bias
+    init = w_init.astype(np.float64)
+    if bias:
+        init = np.concatenate([init, (np.zeros(init.shape[1]) if b_init is None else b_init.astype(np.float64))[None]], 0)
+    targets = [_target(h, w_dense, b_dense) for h in halves]
+    scale = max(float(np.mean([np.mean(np.diag(h.aa)) for h in halves])), 1e-12)
+    eye = np.eye(init.shape[0])
+    # Candidates: the ridge at each strength, and the prior with refitted row scales and bias.
+    candidates = list(grid) + (["scale"] if scales else [])
+
+    def solve(aa, target, d):
+        if d == "scale":
+            return _scale_fit(aa, bias, target, init)
+        return np.linalg.solve(aa + d * scale * eye, target + d * scale * init)
+
+    best = None
+    if len(candidates) > 1 and all(h.rows for h in halves):
+        for d in candidates:
+            err = 0.0
+            for i in (0, 1):
+                x = solve(halves[i].aa, targets[i], d)
+                val = halves[1 - i]
+                err += float(np.sum((val.aa @ x) * x) - 2.0 * np.sum(targets[1 - i] * x))
+            if best is None or err < best[0]:
+                best = (err, d)
+    d = best[1] if best is not None else grid[len(grid) // 2]
+    sol = solve(halves[0].aa + halves[1].aa, targets[0] + targets[1], d)
+    if bias:
+        return sol[:-1].astype(np.float32), sol[-1].astype(np.float32), d
+    return sol.astype(np.float32), None, d

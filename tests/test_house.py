@@ -57,6 +57,18 @@ def test_imports_go_one_way():
     assert not wrong, "\n".join(wrong)
 
 
+def test_every_experiment_imports():
+    """The experiments are run by hand, not by the suite: at least they must import (one moved module
+    once broke prune_bench unnoticed)."""
+    import importlib
+    import pkgutil
+
+    import onnxopt.bench.experiments as experiments
+
+    for mod in pkgutil.iter_modules(experiments.__path__):
+        importlib.import_module(f"onnxopt.bench.experiments.{mod.name}")
+
+
 def test_no_pass_imports_another_pass():
     """Shared code lives in passes/_lib (or a pass's own package), never in another pass's module."""
     from onnxopt.passes import all_passes

@@ -85,7 +85,7 @@ def fused_attention():
     return _model(nodes, [_f("x", [1, s, d])], [_f("y", [1, s, d])], inits, ms=True)
 
 
-def _groups(proto, feeds):
+def _groups(proto, feeds, shapes=False):
     model = ir.serde.deserialize_model(proto)
     graph = model.graph
     values = [v for n in graph for v in n.outputs]
@@ -96,8 +96,11 @@ def _groups(proto, feeds):
     for v in values:
         if v in graph.outputs and v.name not in [o.name for o in proto.graph.output]:
             graph.outputs.remove(v)
-    shapes = {k: a.shape for k, a in got.items()}
-    return model, G.find_groups(graph, lambda v: shapes.get(v.name) if v is not None else None)
+    found = {k: a.shape for k, a in got.items()}
+    found.update({k: a.shape for k, a in feeds.items()})
+    if shapes:
+        return model, found
+    return model, G.find_groups(graph, lambda v: found.get(v.name) if v is not None else None)
 
 
 def _zero_equals_remove(proto, feeds, kind):
@@ -149,6 +152,51 @@ def test_fused_attention_heads_zero_equals_remove():
     proto = fused_attention()
     feeds = {"x": RNG.normal(size=(1, 6, 16)).astype(np.float32)}
     _zero_equals_remove(proto, feeds, "heads")
+
+
+@pytest.mark.parametrize("build,shape", [(cnn_residual, (1, 3, 8, 8)), (ffn, (1, 6, 16)), (fused_attention, (1, 6, 16))])
+def test_tuner_feeds_equal_physical_pruning(build, shape):
+    """What the pass measures in its one session (consumer rows of removed units zeroed and refitted
+    weights given as feeds, prefix sessions included) is what it writes: the physically pruned model
+    gives the same outputs."""
+    from onnxopt.passes.prune import structured as S
+
+    proto = build()
+    feeds = {"x": RNG.normal(size=shape).astype(np.float32)}
+    model, groups = _groups(proto, feeds)
+    ok = [g for g in groups if not g.reason and g.units >= 2]
+    tuner = S._Tuner(model, [c for g in ok for c in g.consumers], lambda m: _ort_session(m))
+    assert len(tuner.sessions) >= 1
+    orders = [list(range(0, g.units, 2)) for g in ok]
+    fitted, over, j = {}, {}, 0
+    for g, order in zip(ok, orders):
+        drop = G.unit_channels(g, order)
+        for c in g.consumers:
+            w = tuner.dense_w[j] * (1.0 + 0.1 * RNG.normal(size=tuner.dense_w[j].shape)).astype(np.float32)
+            b = tuner.dense_b[j] + 0.1 if tuner.has_bias(j) else None
+            rows = G.consumer_rows(c, drop)
+            kept = np.setdiff1d(np.arange(w.shape[0]), rows)
+            full = w.copy()
+            full[rows] = 0.0
+            over.update(tuner.weights(j, full, b))
+            fitted[j] = (w[kept], b, None)
+            j += 1
+    for j, name in enumerate(tuner.acts):  # every prefix gives the dense activations of the full model
+        np.testing.assert_allclose(tuner.run(feeds, None, [name])[0], tuner.sessions[-1][1].run(
+            [name], {**feeds, **tuner.feeds})[0], rtol=1e-5, atol=1e-5)
+    outs = [o.name for o in proto.graph.output]
+    fed = dict(zip(outs, tuner.run(feeds, over, outs)))
+    _, shapes = _groups(proto, feeds, shapes=True)
+    S.PrunePass()._apply(model, ok, orders, [len(o) for o in orders], fitted, lambda v: shapes.get(v.name) if v is not None else None)
+    written = run_ort(ir.serde.serialize_model(model), feeds)
+    for k in outs:
+        np.testing.assert_allclose(written[k], fed[k], rtol=1e-4, atol=1e-4)
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 def _decline(nodes, inputs, outputs, inits, feeds, expect):
@@ -276,6 +324,7 @@ def test_obs_cost_matches_brute_force_refit():
     c = K.ObsConsumer(w, g, block=1)
     c.h = np.linalg.inv(g)  # undamped, to compare with exact least squares
     cost = c.remove([2])
+    np.testing.assert_allclose(c.w, K.compensated(w, g, np.array([2]), damp=0.0), atol=1e-8)
     keep = [0, 1, 3, 4, 5]
     fit, *_ = np.linalg.lstsq(a[:, keep], a @ w, rcond=None)
     brute = np.sum((a[:, keep] @ fit - a @ w) ** 2) / len(a) / K.output_energy(w, g)
@@ -285,12 +334,53 @@ def test_obs_cost_matches_brute_force_refit():
 def test_ridge_refit_recovers_exact_solution_with_bias():
     a = RNG.normal(size=(400, 5))
     w, b = RNG.normal(size=(5, 2)), RNG.normal(size=2)
-    gram = K.Gram(5, 5, bias=True)
-    for chunk in np.array_split(a, 7):  # streamed
-        gram.update(chunk, chunk)
-    w2, b2 = K.ridge_refit(gram, w, b, w, b, damp=1e-9)
+    halves = [K.Gram(5, 5, bias=True), K.Gram(5, 5, bias=True)]
+    for i, chunk in enumerate(np.array_split(a, 7)):  # streamed
+        halves[i % 2].update(chunk, chunk)
+    w2, b2, d = K.ridge_refit(halves, w, b, np.zeros_like(w), np.zeros_like(b), grid=(1e-9,))
     np.testing.assert_allclose(w2, w, atol=1e-4)
     np.testing.assert_allclose(b2, b, atol=1e-4)
+
+
+def test_ridge_strength_chosen_by_cross_validation():
+    """With exact targets the weakest ridge wins; with few rows and noisy targets a stronger one does."""
+    a = RNG.normal(size=(400, 5))
+    w = RNG.normal(size=(5, 2))
+    halves = [K.Gram(5, 5), K.Gram(5, 5)]
+    for i, chunk in enumerate(np.array_split(a, 8)):
+        halves[i % 2].update(chunk, chunk)
+    assert K.ridge_refit(halves, w, None, np.zeros_like(w), None)[2] == min(K.RIDGE_GRID)
+    few = RNG.normal(size=(12, 40))
+    noisy = [K.Gram(40, 40), K.Gram(40, 40)]
+    for i in range(12):
+        noisy[i % 2].update(few[i : i + 1], few[i : i + 1] + RNG.normal(size=(1, 40)) * 3.0)
+    prior = RNG.normal(size=(40, 3))
+    assert K.ridge_refit(noisy, prior, None, prior, None)[2] > min(K.RIDGE_GRID)
+
+
+def test_scale_fit_recovers_row_scales_and_bias():
+    """When the target is the prior with rows scaled and a bias added, the scale candidate finds them."""
+    a = RNG.normal(size=(300, 6))
+    prior = RNG.normal(size=(6, 3))
+    s, b = RNG.uniform(0.5, 1.5, size=6), RNG.normal(size=3)
+    gram = K.Gram(6, bias=True)
+    gram.update(a)
+    y = a @ (prior * s[:, None]) + b
+    target = np.concatenate([a, np.ones((300, 1))], 1).T @ y
+    got = K._scale_fit(gram.aa, True, target, np.concatenate([prior, np.zeros((1, 3))]), damp=1e-12)
+    np.testing.assert_allclose(got[:-1], prior * s[:, None], atol=1e-6)
+    np.testing.assert_allclose(got[-1], b, atol=1e-6)
+
+
+def test_measured_costs_follow_the_measured_curve():
+    from onnxopt.passes.prune.structured import _measured_costs
+
+    costs = [1.0, 1.0, 1.0, 1.0]
+    # Measured error 0.1 after two chunks, 0.5 after four: the first two cost 0.05 each, the rest 0.2.
+    got = _measured_costs(costs, [(2.0, 0.1), (4.0, 0.5)])
+    np.testing.assert_allclose(got, [0.05, 0.05, 0.2, 0.2])
+    # Noisy measurements never make a later chunk cheaper than an earlier one.
+    assert np.all(np.diff(_measured_costs(costs, [(1.0, 0.3), (3.0, 0.2)])) >= 0)
 
 
 def test_allocate_reaches_budget_and_prefers_cheap():

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxopt.bench.fingerprint import machine
-from onnxopt.bench.int8_bench import SENTENCES, N_CALIB_SENTENCES, _cos, _embed, _minilm_feeds, _peer, _session
+from onnxopt.bench.experiments.int8_bench import N_CALIB_SENTENCES, N_HELD_OUT_SENTENCES, _cos, _embed, _minilm_feeds, _peer, _session, real_sentences
 
 
 def model_macs(path, feed) -> dict:
@@ -142,7 +142,7 @@ def bench_digits(tmp: Path, peers: bool) -> dict:
 
 
 def _minilm_calibration(n: int = 128, seed: int = 0):
-    base = SENTENCES[:N_CALIB_SENTENCES]
+    base = real_sentences()[:N_CALIB_SENTENCES]
     pairs = [a + " " + b for a, b in itertools.permutations(base, 2)]
     rng = np.random.default_rng(seed)
     return _minilm_feeds(list(base) + [pairs[i] for i in rng.choice(len(pairs), n - len(base), replace=False)])
@@ -154,7 +154,7 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
 
     path = zoo.build("minilm")
     calib = _minilm_calibration()
-    held = _minilm_feeds(SENTENCES[N_CALIB_SENTENCES:])
+    held = _minilm_feeds(real_sentences()[N_CALIB_SENTENCES:N_CALIB_SENTENCES + N_HELD_OUT_SENTENCES])
     ref = _embed(_session(path), held)
     dense = onnxopt.compile(str(path), opt_level=3, verify_outputs=False).save(tmp / "minilm-O3.onnx")
     base = model_macs(dense, held[0])
@@ -183,7 +183,7 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
     the calibration crops)."""
     import onnxopt
     from onnxopt.bench import zoo
-    from onnxopt.bench.int8_bench import _photo_crops
+    from onnxopt.bench.experiments.int8_bench import _photo_crops
 
     path = zoo.build("efficientnet_lite0")
     calib = [{"input": x} for x in _photo_crops(n_calib, seed=1)]
@@ -238,6 +238,41 @@ def bench_memory(tmp: Path, peers: bool) -> dict:
     return res
 
 
+def bench_bert(tmp: Path, peers: bool, fraction: float = 0.4, n_calib: int = 128, rounds: int = 10) -> dict:
+    """BERT-base (zoo, random weights: speed only), batch 1, seq 128: --prune 0.4 at -O3 with 128
+    calibration samples (zoo sample feeds of other seeds), its compile time, and latency beside
+    unpruned -O3 (alternating rounds, an A/A copy of -O3 as control, 2 threads); then the pruned
+    model quantized with --int8 (64 of the samples) beside fp32 -O3."""
+    import onnxopt
+    from onnxopt.bench import timing, zoo
+
+    path = zoo.build("bert", size="base")
+    calib = [zoo.sample_feeds("bert", path, seq=128, seed=100 + i) for i in range(n_calib)]
+    feed = zoo.sample_feeds("bert", path, seq=128, seed=0)
+    dense = onnxopt.compile(str(path), opt_level=3, verify_outputs=False).save(tmp / "bert-O3.onnx")
+    t = time.perf_counter()
+    pruned = onnxopt.compile(str(path), opt_level=3, prune=fraction, calibration_data=calib, verify_outputs=False)
+    compile_s = time.perf_counter() - t
+    pruned.save(tmp / "bert-pruned.onnx")
+    d = next(r for r in pruned.report["passes"] if r["name"] == "prune")["details"]
+    # int8 of the pruned model (prune, then quantize; the same order as one compile with both).
+    t = time.perf_counter()
+    both = onnxopt.compile(str(tmp / "bert-pruned.onnx"), opt_level=3, int8=True, calibration_data=calib[:64],
+                           verify_outputs=False)
+    both_s = time.perf_counter() - t
+    both.save(tmp / "bert-pruned-int8.onnx")
+    variants = {"O3": dense, "O3_copy": dense, "pruned": tmp / "bert-pruned.onnx",
+                "pruned_int8": tmp / "bert-pruned-int8.onnx"}
+    sessions = {k: timing.session(p, threads=2) for k, p in variants.items()}
+    lat = timing.alternating(sessions, feed, rounds=rounds, per_round=10, warmup=3)
+    ratios = {k: timing.round_ratios(lat[k], lat["O3"]) for k in variants if k != "O3"}
+    return {"fraction": fraction, "prune_compile_s": round(compile_s, 1), "int8_of_pruned_compile_s": round(both_s, 1),
+            "calibration_samples": n_calib,
+            "macs_removed_fraction": round(d["macs_removed_fraction"], 4), "units": d["units"],
+            "prune_time_s": d.get("time_s"), "latency_ms_p50": {k: round(v["p50"], 2) for k, v in lat.items()},
+            "ratio_vs_O3": ratios}
+
+
 def markdown(results: dict) -> str:
     lines = ["| model | method | MACs removed | fidelity | compile s |", "|---|---|---|---|---|"]
     for key, val in results.get("digits", {}).items():
@@ -252,11 +287,17 @@ def markdown(results: dict) -> str:
         if isinstance(val, dict) and "top1_agreement" in val:
             lines.append(f"| EfficientNet-Lite0 | {key} | {val['macs_removed']:.1%} | top-1 agreement "
                          f"{val['top1_agreement']:.1%} | {val.get('compile_s')} |")
+    bert = results.get("bert")
+    if bert:
+        r = bert["ratio_vs_O3"]
+        lines.append(f"| BERT-base (speed) | onnxopt_O3_prune{bert.get('fraction', 0.4)} | {bert['macs_removed_fraction']:.1%} | "
+                     f"latency {r['pruned']['median']}x of -O3 (A/A {r['O3_copy']['median']}x); + int8 "
+                     f"{r['pruned_int8']['median']}x | {bert['prune_compile_s']} |")
     return "\n".join(lines) + "\n"
 
 
 BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet,
-           "memory": bench_memory}
+           "memory": bench_memory, "bert": bench_bert}
 
 
 def main(argv=None) -> int:

@@ -1,24 +1,33 @@
-"""Structured pruning after export: calibrated, allocated by sensitivity, reconstructed in closed form.
+"""Structured pruning after export: calibrated, allocated by measured sensitivity, reconstructed in
+closed form.
 
 Rewrite: for each dependency group (passes/prune/groups.py: Conv output channels, FFN neurons,
 attention heads of a fused Attention), the units not kept are physically removed from every tensor
-of the group, and every consumer of the group is refitted:
+of the group, and every consumer of every group is refitted, in graph order:
 
-    W_c', b_c' = argmin sum_x ||W_c'^T a_pruned(x) + b_c' - (W_c^T a_dense(x) + b_c)||^2 + lam ||[W_c'; b_c'] - [W_c; b_c]_kept||^2
+    W_c', b_c' = argmin sum_x ||W_c'^T a_pruned(x) + b_c' - (W_c^T a_dense(x) + b_c)||^2 + lam ||[W_c'; b_c'] - [W0; b0]||^2
 
 a ridge least squares (Conv through im2col) whose bias column compensates the mean of what was
 removed; inputs a_pruned come from the model with every earlier group already pruned and refitted
-(sequential), targets from the dense model. Gram matrices are accumulated over the calibration
-stream in float64 (fixed memory) and solved in float64 (kernels/pruning.py).
+(sequential), targets from the dense model, the prior [W0; b0] is the one-step OBS refit on the
+dense inputs, and lam is chosen per consumer by two-fold cross-validation over the calibration
+samples. Gram matrices are accumulated over the calibration stream in float64 (fixed memory) and
+solved in float64 (kernels/pruning.py). Rows of padding tokens (attention mask 0) are left out
+(passes/prune/token_mask.py).
 
 Which units: within a group, removed greedily at their Optimal Brain Surgeon cost on the dense
 inputs (the consumer output error after the best refit, relative to the consumer's output energy),
-in chunks that keep the channel count a multiple of `prune_round` (default 8). Across groups: each
-group's costs are scaled by its measured sensitivity (the model's output error when its cheapest
-half is zeroed, divided by the consumer error that predicts), then chunks are taken by the least
-cost per MAC saved until `prune` (a fraction) of the prunable MACs is removed, keeping at least
+in chunks that keep the channel count a multiple of `prune_round` (default 8). Across groups: the
+model's output error (1 - cosine, on a few calibration samples) is measured with each group alone
+pruned to a quarter, half and three quarters of what it may lose (OBS-refitted), and each group's
+chunk costs are rescaled to that measured curve; chunks are then taken by the least measured cost
+per MAC saved until `prune` (a fraction) of the prunable MACs is removed, keeping at least
 `MIN_KEEP` of every group. MACs are counted per layer at the calibration shapes, attention's
 score and context products included.
+
+All of this runs in one onnxruntime session of the dense model whose consumer weights are graph
+inputs: removing a unit is the same as zeroing its rows in every consumer (tested for every group
+kind), so each candidate and each refit is a different feed, not a different model.
 
 Fidelity: every fifth calibration sample is held out of all statistics; the report gives the
 worst cosine of the float outputs over them (min and mean over samples). With `prune_min_cosine`
@@ -40,19 +49,29 @@ from onnxopt.kernels import pruning as K
 from onnxopt.kernels.metrics import cosine
 from onnxopt.passes.int8 import calibration_data
 from onnxopt.passes.prune import groups as G
+from onnxopt.passes.prune import token_mask as TM
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.int8.calibration_data import CalibrationError
-from onnxopt.passes._lib.graph import constant_array, session_of
+from onnxopt.passes._lib.graph import constant_array, remove_dead, session_of
 from onnxopt.passes.registry import register
 
 HOLDOUT_EVERY = 5
+# Fit samples kept in memory to measure each group's sensitivity on.
 FIT_SAMPLES = 8
 HELDOUT_SAMPLES = 32
 # Smallest fraction of a group's units that is always kept.
 MIN_KEEP = 0.1
-# Sensitivity is measured with this fraction of a group's units zeroed.
-PROBE_FRACTION = 0.5
+# Sensitivity is measured with each group pruned to these fractions of its removable chunks.
+PROBE_LEVELS = (0.25, 0.5, 0.75)
 BACKOFF = (0.75, 0.5, 0.25)
+# Refits of consumers in the first quarter, half, three quarters of the model run only that prefix.
+PREFIXES = (0.25, 0.5, 0.75)
+# A refit's statistics stop once every consumer of the step has this many rows per feature (and
+# MIN_FIT_SAMPLES samples were read): enough for a well-posed fit, and a Conv's thousands of pixel
+# rows per sample need few samples.
+ROWS_PER_FEATURE = 8
+MIN_FIT_SAMPLES = 16
+CV_MAX_FEATURES = 1600
 
 
 def _float_outputs(names, values):
@@ -63,12 +82,17 @@ def _session(model: ir.Model, make_session, extra: list[ir.Value]):
     return session_of(model, make_session, extra)
 
 
-def _cosines(session, samples) -> list[float]:
+def _sample_cosine(ref: dict, got: dict, keep) -> float:
+    """Worst cosine over the float outputs of one sample, padding positions left out."""
+    return min((cosine(TM.select(ref[n], keep), TM.select(got[n], keep)) for n in ref), default=1.0)
+
+
+def _cosines(session, samples, mask_name) -> list[float]:
     out = []
     for feed, ref in samples:
         names = list(ref)
         got = dict(zip(names, session.run(names, feed)))
-        out.append(min((cosine(ref[n], got[n]) for n in names), default=1.0))
+        out.append(_sample_cosine(ref, got, TM.rows(feed, mask_name)))
     return out
 
 
@@ -81,10 +105,10 @@ def _conv_attrs(node: ir.Node, w_shape):
     return k, strides, pads, dil
 
 
-def _rows(c: G.Consumer, x: np.ndarray) -> np.ndarray:
-    """The consumer's input rows (im2col patches for a Conv)."""
+def _rows(c: G.Consumer, x: np.ndarray, keep=None) -> np.ndarray:
+    """The consumer's input rows (im2col patches for a Conv), padding tokens left out."""
     if c.kind != "conv":
-        return x.reshape(-1, x.shape[-1]) if c.kind == "matmul" else x.reshape(x.shape[0], -1)
+        return TM.select(x, keep) if c.kind == "matmul" else x.reshape(x.shape[0], -1)
     w = constant_array(c.node.inputs[1])
     k, s, p, d = _conv_attrs(c.node, w.shape)
     if len(k) == 2:
@@ -121,6 +145,141 @@ def _layer_nodes(group: G.Group):
             + [(n, "dw") for n in group.depthwise])
 
 
+def _layout(c: G.Consumer, m: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A [K, N] consumer matrix in the node's own weight layout (the inverse of consumer_matrix)."""
+    if c.kind == "conv":
+        m = m.T.reshape(like.shape[0], -1, *like.shape[2:])
+    elif c.kind == "gemm" and c.node.attributes.get_int("transB", 0):
+        m = m.T
+    return np.ascontiguousarray(m, dtype=np.float32)
+
+
+def _prefix(model: ir.Model, names: list[str]) -> ir.Model:
+    """A copy of the model computing only the values `names` (its outputs): onnxruntime runs every
+    node of a model whatever outputs are fetched, so refits early in the model use a prefix."""
+    clone = model.clone()
+    graph = clone.graph
+    by_name = {v.name: v for node in graph for v in node.outputs}
+    graph.outputs.clear()
+    graph.outputs.extend(by_name[n] for n in names)
+    for node in reversed(list(graph)):
+        remove_dead(graph, node)
+    for v in list(graph.inputs):
+        if not v.uses():
+            graph.inputs.remove(v)
+    return clone
+
+
+class _Tuner:
+    """One onnxruntime session of the dense model in which the weight and bias of every consumer
+    are graph inputs, returning every consumer's input.
+
+    Removing a unit is the same as zeroing its rows in every consumer (tests/test_prune.py proves
+    it for every group kind), so every candidate pruning and every refit is a feed of this one
+    session instead of a new model and session."""
+
+    def __init__(self, model: ir.Model, consumers: list[G.Consumer], make_session) -> None:
+        graph = model.graph
+        self.consumers = consumers
+        self.sites = [_bias_site(c) for c in consumers]
+        self.dense_w = [G.consumer_matrix(c).astype(np.float32) for c in consumers]
+        self.dense_b = []
+        self.names = []  # (weight input, bias input or None) per consumer
+        self.feeds: dict[str, np.ndarray] = {}
+        undo = []
+        for j, (c, site) in enumerate(zip(consumers, self.sites)):
+            w = constant_array(c.node.inputs[1])
+            b = _bias(c, site) if c.kind == "matmul" else _bias(c, None)
+            wname = f"onnxopt.prune.w{j}"
+            self._swap(graph, c.node, 1, wname, w, undo)
+            bname = None
+            if c.kind in ("conv", "gemm"):
+                b = np.zeros(self.dense_w[j].shape[1], np.float32) if b is None else b
+                bname = f"onnxopt.prune.b{j}"
+                self._swap(graph, c.node, 2, bname, b, undo)
+            elif site is not None:
+                bname = f"onnxopt.prune.b{j}"
+                self._swap(graph, site[0], site[1], bname, b, undo)
+            self.dense_b.append(None if b is None else np.asarray(b, np.float32))
+            self.names.append((wname, bname))
+        self.acts = [c.node.inputs[0].name for c in consumers]
+        position = {id(n): i for i, n in enumerate(graph)}
+        by_position = sorted(range(len(consumers)), key=lambda j: position[id(consumers[j].node)])
+        self.sessions = []  # (output names it can give, session, its input names), smallest first
+        try:
+            for q in PREFIXES:
+                names = {self.acts[j] for j in by_position[: math.ceil(q * len(by_position))]}
+                if names and len(names) < len(self.acts):
+                    prefix = _prefix(model, sorted(names))
+                    self.sessions.append((names, session_of(prefix, make_session, []),
+                                          {v.name for v in prefix.graph.inputs}))
+            full = session_of(model, make_session, [c.node.inputs[0] for c in consumers])
+            self.sessions.append((set(self.acts) | {v.name for v in graph.outputs}, full,
+                                  {v.name for v in graph.inputs}))
+        finally:
+            for fn in reversed(undo):
+                fn()
+
+    def _swap(self, graph, node, index, name, array, undo) -> None:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(array.shape))
+        n_inputs = len(node.inputs)
+        old = node.inputs[index] if index < n_inputs else None
+        if index >= n_inputs:
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, value)
+        graph.inputs.append(value)
+        self.feeds[name] = array
+
+        def restore():
+            graph.inputs.remove(value)
+            node.replace_input_with(index, old)
+            if index >= n_inputs:
+                node.resize_inputs(n_inputs)
+
+        undo.append(restore)
+
+    def weights(self, j: int, m: np.ndarray, b: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Feeds that give consumer j the [K, N] matrix m (and bias b)."""
+        wname, bname = self.names[j]
+        out = {wname: _layout(self.consumers[j], m, self.feeds[wname])}
+        if bname is not None and b is not None:
+            out[bname] = np.ascontiguousarray(b, dtype=np.float32)
+        return out
+
+    def has_bias(self, j: int) -> bool:
+        return self.names[j][1] is not None
+
+    def augmented(self, j: int) -> np.ndarray:
+        """The dense [K (+1), N] matrix of consumer j, its bias as a last row when it has one."""
+        w = self.dense_w[j].astype(np.float64)
+        return np.concatenate([w, self.dense_b[j][None].astype(np.float64)], 0) if self.has_bias(j) else w
+
+    def run(self, feed: dict, overrides: dict | None = None, outputs: list[str] | None = None) -> list[np.ndarray]:
+        """The values `outputs` (default: every consumer's input) on one sample, computed by the
+        smallest prefix of the model that has them."""
+        outputs = outputs or self.acts
+        names, session, inputs = next(s for s in self.sessions if s[0].issuperset(outputs))
+        feeds = {**feed, **self.feeds, **(overrides or {})}
+        return session.run(outputs, {k: v for k, v in feeds.items() if k in inputs})
+
+
+def _measured_costs(costs: list[float], points: list[tuple[float, float]]) -> list[float]:
+    """Chunk costs rescaled to a group's measured curve: the cumulative proxy cost P is mapped to
+    the measured output error by piecewise-linear interpolation through (0, 0) and the measured
+    (P, error) points, extended past the last one at its ratio; the marginal costs are made
+    non-decreasing so that taking a group's chunks in order stays the cheapest way."""
+    if not costs:
+        return []
+    cum = np.cumsum(np.maximum(costs, 0.0))
+    xs = np.maximum.accumulate(np.array([0.0] + [p for p, _ in points]))
+    ys = np.maximum.accumulate(np.array([0.0] + [max(e, 0.0) for _, e in points]))
+    xs = xs + np.arange(len(xs)) * 1e-15  # strictly increasing for np.interp
+    est = np.where(cum <= xs[-1], np.interp(cum, xs, ys), ys[-1] * cum / max(xs[-1], 1e-30))
+    marginal = np.diff(np.concatenate([[0.0], est]))
+    return [float(x) for x in np.maximum.accumulate(np.maximum(marginal, 1e-15))]
+
+
 # order 5: before int8 and fp16 (prune, then quantize).
 @register("prune", level=0, stage="lossy", flag="prune", order=5)
 class PrunePass(OptPass):
@@ -144,6 +303,8 @@ class PrunePass(OptPass):
         except ImportError:  # pragma: no cover
             pass
         for k, feed in enumerate(it):
+            if self._trim:
+                feed = TM.trim(feed, self._mask) or feed
             yield k, k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, feed
 
     # ---- the pass -----------------------------------------------------------------------------
@@ -171,6 +332,9 @@ class PrunePass(OptPass):
                         "declined_groups": []}
         graph = model.graph
         params_before = sum(v.const_value.size for v in graph.initializers.values() if v.const_value is not None)
+        self._mask = TM.find(graph)
+        if self._mask is not None:
+            self.details["padding_mask"] = self._mask
 
         # Probe: concrete shapes of every value, and the reference outputs of fit / held-out samples.
         values = [v for node in graph for v in node.outputs if v.name]
@@ -178,6 +342,7 @@ class PrunePass(OptPass):
         out_names = [v.name for v in graph.outputs]
         shapes: dict[str, tuple] = {}
         fit, held = [], []
+        self._trim = False
         for k, is_held, feed in self._stream(model, "probe"):
             if k == 0:
                 names = out_names + [v.name for v in values if v.name not in out_names]
@@ -185,6 +350,10 @@ class PrunePass(OptPass):
                 shapes = {n: tuple(a.shape) for n, a in zip(names, got)}
                 shapes.update({n: tuple(np.shape(a)) for n, a in feed.items()})
                 outs = got[: len(out_names)]
+                self._trim = self._trims(probe, out_names, feed, outs)
+                if self._trim:
+                    feed = TM.trim(feed, self._mask)
+                    outs = probe.run(out_names, feed)
             elif (is_held and len(held) < HELDOUT_SAMPLES) or (not is_held and len(fit) < FIT_SAMPLES):
                 outs = probe.run(out_names, feed)
             else:
@@ -216,54 +385,49 @@ class PrunePass(OptPass):
                                                            or "no Conv, MatMul, Gemm or Attention layer")
             return 0
 
-        # Statistics on the dense model: Gram of every consumer's input rows.
-        consumers = {id(c.node): c for g in ok for c in g.consumers}
-        cvals = {id(c.node): c.node.inputs[0] for c in consumers.values()}
-        grams: dict[int, K.Gram] = {}
-        stats = _session(model, make_session, list(cvals.values()))
-        names = [v.name for v in cvals.values()]
+        consumers = [c for g in ok for c in g.consumers]
+        slots, j = [], 0
+        for g in ok:
+            slots.append(list(range(j, j + len(g.consumers))))
+            j += len(g.consumers)
+        tuner = _Tuner(model, consumers, make_session)
+
+        # Statistics on the dense model: Gram of every consumer's input rows ([a, 1] with a bias).
+        grams: list = [None] * len(consumers)
         for k, is_held, feed in self._stream(model, "statistics"):
             if is_held:
                 continue
-            got = dict(zip(names, stats.run(names, feed)))
-            for key, c in consumers.items():
-                rows = _rows(c, got[cvals[key].name])
-                if key not in grams:
-                    grams[key] = K.Gram(rows.shape[1])
-                grams[key].update(rows)
-        del stats
+            keep = TM.rows(feed, self._mask)
+            for jj, (c, act) in enumerate(zip(consumers, tuner.run(feed))):
+                rows = _rows(c, act, keep)
+                if grams[jj] is None:
+                    grams[jj] = K.Gram(rows.shape[1], bias=tuner.has_bias(jj))
+                grams[jj].update(rows)
 
-        # Order within groups (OBS) and chunk costs; sensitivity of each group.
-        chunks, costs, orders = [], [], []
-        for g in ok:
+        # Order within groups (OBS), chunk costs, and each group's measured sensitivity curve.
+        chunks, costs, orders, curves = [], [], [], []
+        float_outs = [n for n in out_names if n in fit[0][1]]
+        for g, sl in zip(ok, slots):
             floor = max(1, math.ceil(MIN_KEEP * g.units))
             sizes = K.chunk_sizes(g.units, g.unit, round_to, floor)
-            obs = [K.ObsConsumer(G.consumer_matrix(c).astype(np.float64), grams[id(c.node)].mean(), c.block * g.unit)
-                   for c in g.consumers]
-            order, cost = K.obs_order(obs, g.units, sizes)
+            levels = sorted({max(1, round(q * len(sizes))) for q in PROBE_LEVELS}) if sizes else []
+            obs = [K.ObsConsumer(tuner.augmented(jj), grams[jj].mean(), consumers[jj].block * g.unit) for jj in sl]
+            order, cost, snaps = K.obs_order(obs, g.units, sizes, snapshots=levels)
+            points = []
+            for t in levels:
+                over = {}
+                for jj, w in zip(sl, snaps[t]):
+                    over.update(tuner.weights(jj, *_split_bias(w, tuner.has_bias(jj))))
+                errs = []
+                for feed, ref in fit:
+                    got = dict(zip(float_outs, tuner.run(feed, over, float_outs)))
+                    errs.append(1.0 - _sample_cosine(ref, got, TM.rows(feed, self._mask)))
+                points.append((float(sum(cost[:t])), float(np.mean(errs))))
             chunks.append(sizes)
             costs.append(cost)
             orders.append(order)
-        factors = []
-        for g, order, sizes in zip(ok, orders, chunks):
-            n = 0
-            for s in sizes:
-                if n >= PROBE_FRACTION * g.units:
-                    break
-                n += s
-            if n == 0:
-                factors.append(1.0)
-                continue
-            drop = G.unit_channels(g, order[:n])
-            proxy = sum(K.zeroing_cost(G.consumer_matrix(c).astype(np.float64), grams[id(c.node)].mean(),
-                                       G.consumer_rows(c, drop)) for c in g.consumers)
-            undo = G.zero(graph, g, drop)
-            try:
-                err = float(np.mean([1.0 - c for c in _cosines(_session(model, make_session, []), fit)]))
-            finally:
-                undo()
-            factors.append(max(err, 1e-9) / max(proxy, 1e-12))
-        scaled = [[f * c for c in cs] for f, cs in zip(factors, costs)]
+            curves.append(points)
+        scaled = [_measured_costs(cs, pts) for cs, pts in zip(costs, curves)]
 
         # MACs as a function of the units removed per group.
         layers: dict[int, list] = {}
@@ -278,17 +442,17 @@ class PrunePass(OptPass):
             return sum(m * (1.0 - float(np.prod([kept[i] for i in idx]))) for m, idx in layers.values())
 
         self.details.update({"prunable_macs": prunable, "groups_considered": len(ok)})
-        dense_session = None
+        position = {id(n): i for i, n in enumerate(graph)}
+        seq = sorted(range(len(ok)), key=lambda i: min(position[id(c.node)] for c in ok[i].consumers))
         attempts = []
         for scale in (1.0, *BACKOFF) if min_cos is not None else (1.0,):
             budget = fraction * scale
             taken = K.allocate(chunks, scaled, saving, budget * prunable)
             removed = [sum(s[:t]) for s, t in zip(chunks, taken)]
-            if dense_session is None:
-                dense_session = _session(model, make_session, list(cvals.values()))
+            fitted = self._refit(model, tuner, ok, slots, seq, orders, removed, grams)
             trial = model.clone()
-            self._execute(trial, ok, orders, removed, shape_of, dense_session, make_session)
-            cos = _cosines(_session(trial, make_session, []), held)
+            self._apply(trial, ok, orders, removed, fitted, shape_of)
+            cos = _cosines(_session(trial, make_session, []), held, self._mask)
             reached = saving(removed) / prunable
             attempts.append({"budget": budget, "macs_removed": reached, "held_out_min_cosine": min(cos),
                              "held_out_mean_cosine": float(np.mean(cos))})
@@ -300,14 +464,15 @@ class PrunePass(OptPass):
             raise CalibrationError(f"--prune-min-cosine {min_cos} cannot be met ({tried})")
         model.graph = trial.graph
         self.details["attempts"] = attempts
-        for g, order, r, f, sizes, cs in zip(ok, orders, removed, factors, chunks, costs):
-            node = g.start
+        for g, sl, r, pts in zip(ok, slots, removed, curves):
             self.details["groups"].append({
                 "group": g.describe(), "kind": g.kind, "units": g.units, "unit_channels": g.unit,
-                "kept": g.units - r, "removed": r, "sensitivity": f,
+                "kept": g.units - r, "removed": r,
+                "sensitivity": [{"proxy": p, "output_error": e} for p, e in pts],
+                "ridge": [fitted[jj][2] for jj in sl if jj in fitted],
                 "why": ("kept whole: its cheapest chunk costs more per MAC than the others'" if r == 0 else
                         f"removed the {r} units of least reconstruction cost"),
-                "node": node.name})
+                "node": g.start.name})
         counts = {}
         for g, r in zip(ok, removed):
             kc = counts.setdefault(g.kind, [0, 0])
@@ -328,62 +493,129 @@ class PrunePass(OptPass):
         })
         return sum(1 for r in removed if r)
 
-    def _execute(self, model, groups_orig, orders, removed, shape_of, dense_session, make_session):
-        """Prune and refit, group by group, on `model` (a clone of the dense one)."""
+    def _trims(self, session, out_names, feed, outs) -> bool:
+        """Whether samples may be cut to their real tokens: the first one, cut, gives the same
+        outputs at its real positions (and the same pooled outputs) as whole."""
+        short = TM.trim(feed, self._mask)
+        if short is None:
+            return False
+        try:
+            cut = session.run(out_names, short)
+        except Exception:  # e.g. a fixed sequence length
+            return False
+        keep, keep_cut = TM.rows(feed, self._mask), TM.rows(short, self._mask)
+        for a, b in zip(outs, cut):
+            if not np.issubdtype(a.dtype, np.floating):
+                continue
+            a, b = TM.select(a, keep), TM.select(b, keep_cut)
+            if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(float(np.abs(a).max()), 1.0)):
+                return False
+        self.details["padding_trimmed"] = True
+        return True
+
+    def _refit(self, model, tuner: _Tuner, groups, slots, seq, orders, removed, grams) -> dict:
+        """Sequential ridge refit, in graph order, of every consumer from the first pruned group on:
+        inputs from the model with the earlier groups pruned (zeroed rows) and refitted, targets
+        from the dense model. Returns {consumer index: (W [kept rows, N], b or None, ridge)}."""
+        current: dict[str, np.ndarray] = {}
+        fitted = {}
+        chosen: list[float] = []  # ridge strengths chosen by cross-validation so far
+        started = False
+        for gi in seq:
+            g, r, sl = groups[gi], removed[gi], slots[gi]
+            if not r and not started:
+                continue
+            started = True
+            drop = G.unit_channels(g, orders[gi][:r])
+            kept_rows, gone = {}, {}
+            for jj in sl:
+                c = tuner.consumers[jj]
+                n_rows = tuner.dense_w[jj].shape[0]
+                gone[jj] = G.consumer_rows(c, drop) if r else np.zeros(0, int)
+                mask = np.ones(n_rows, dtype=bool)
+                mask[gone[jj]] = False
+                kept_rows[jj] = np.flatnonzero(mask)
+                w0 = tuner.dense_w[jj].copy()
+                w0[gone[jj]] = 0.0
+                current.update(tuner.weights(jj, w0, tuner.dense_b[jj]))
+            halves = {jj: [None, None] for jj in sl}
+            names = [tuner.acts[jj] for jj in sl]
+            n = 0
+            for k, is_held, feed in self._stream(model, f"reconstruction {g.describe()}"):
+                if n >= MIN_FIT_SAMPLES and all(
+                        h[0] is not None and h[1] is not None and min(h[0].rows, h[1].rows) >= ROWS_PER_FEATURE
+                        * h[0].features / 2 for h in halves.values()):
+                    break
+                if is_held:
+                    continue
+                keep = TM.rows(feed, self._mask)
+                pruned = tuner.run(feed, current, names)
+                dense = tuner.run(feed, None, names)
+                for jj, a_p, a_d in zip(sl, pruned, dense):
+                    c = tuner.consumers[jj]
+                    rows_p = _rows(c, a_p, keep)[:, kept_rows[jj]]
+                    rows_d = _rows(c, a_d, keep)
+                    half = halves[jj]
+                    if half[n % 2] is None:
+                        half[n % 2] = K.Gram(rows_p.shape[1], rows_d.shape[1], bias=tuner.has_bias(jj))
+                    half[n % 2].update(rows_p, rows_d)
+                n += 1
+            for jj in sl:
+                has_b = tuner.has_bias(jj)
+                prior = K.compensated(tuner.augmented(jj), grams[jj].mean(), gone[jj])
+                pw, pb = _split_bias(prior, has_b)
+                half = halves[jj]
+                if half[1] is None:  # a single fit sample: no cross-validation
+                    half[1] = K.Gram(half[0].aa.shape[0] - has_b, half[0].az.shape[1], bias=has_b)
+                # Cross-validation costs a dozen K x K solves: layers wider than CV_MAX_FEATURES take
+                # the strength chosen most often on the narrower ones (BERT-base's 3072-wide FFN).
+                if half[0].features <= CV_MAX_FEATURES or not chosen:
+                    grid, scales = K.RIDGE_GRID, True
+                else:
+                    grid, scales = (max(set(chosen), key=chosen.count),), False
+                w_new, b_new, d = K.ridge_refit(half, tuner.dense_w[jj], tuner.dense_b[jj], pw[kept_rows[jj]], pb,
+                                                grid=grid, scales=scales)
+                if len(grid) > 1 and d != "scale":
+                    chosen.append(d)
+                full = np.zeros_like(tuner.dense_w[jj])
+                full[kept_rows[jj]] = w_new
+                current.update(tuner.weights(jj, full, b_new))
+                fitted[jj] = (w_new, b_new, d)
+        return fitted
+
+    def _apply(self, model, groups_orig, orders, removed, fitted, shape_of) -> None:
+        """Physically remove the pruned units from `model` (a clone of the dense one) and write the
+        refitted consumer weights, sliced to the output channels their own groups keep."""
         graph = model.graph
         groups = [g for g in G.find_groups(graph, shape_of) if not g.reason and g.units >= 2]
         if len(groups) != len(groups_orig):
             raise RuntimeError("the grouping of a copy of the model differs from the original's")
-        position = {id(n): i for i, n in enumerate(graph)}
-        dense = {}  # id(consumer node of the copy) -> (input name in the dense model, W [K, N], b)
-        for g0, g in zip(groups_orig, groups):
-            for c0, c in zip(g0.consumers, g.consumers):
-                dense[id(c.node)] = (c0.node.inputs[0].name, G.consumer_matrix(c0), _bias(c0, _bias_site(c0)))
-        kept_out: dict[int, np.ndarray] = {}  # output channels kept by a layer pruned as a producer
-        seq = sorted(range(len(groups)), key=lambda i: min(position[id(c.node)] for c in groups[i].consumers))
-        for i in seq:
-            g, r = groups[i], removed[i]
-            if not r:
-                continue
-            keep = G.unit_channels(g, sorted(set(range(g.units)) - set(orders[i][:r])))
-            G.apply(graph, g, keep)
+        consumers = [c for g in groups for c in g.consumers]
+        sites = [_bias_site(c) for c in consumers]  # before slicing: the Add constants are still whole
+        kept_out: dict[int, np.ndarray] = {}
+        for i, g in enumerate(groups):
+            keep = G.unit_channels(g, sorted(set(range(g.units)) - set(orders[i][: removed[i]])))
+            if removed[i]:
+                G.apply(graph, g, keep)
             for p in g.producers:
                 kept_out[id(p.node)] = keep
-            self._refit(model, g, dense_session, dense, kept_out, make_session)
-
-    def _refit(self, model, g: G.Group, dense_session, dense, kept_out, make_session):
-        """Ridge refit of every consumer of `g`: inputs from `model` as it stands, targets dense."""
-        graph = model.graph
-        cons = g.consumers
-        sites = [_bias_site(c) for c in cons]
-        session = _session(model, make_session, [c.node.inputs[0] for c in cons])
-        pnames = [c.node.inputs[0].name for c in cons]
-        dnames = [dense[id(c.node)][0] for c in cons]
-        grams: list = [None] * len(cons)
-        for k, is_held, feed in self._stream(model, "reconstruction"):
-            if is_held:
-                continue
-            got = session.run(pnames, feed)
-            ref = dense_session.run(dnames, feed)
-            for j, c in enumerate(cons):
-                a, z = _rows(c, got[j]), _rows(c, ref[j])
-                if grams[j] is None:
-                    grams[j] = K.Gram(a.shape[1], z.shape[1], bias=c.kind != "matmul" or sites[j] is not None)
-                grams[j].update(a, z)
-        for j, c in enumerate(cons):
-            _, w_dense, b_dense = dense[id(c.node)]
+        for jj, (w_new, b_new, _) in fitted.items():
+            c, site = consumers[jj], sites[jj]
             cols = kept_out.get(id(c.node))
-            if cols is not None:  # this layer's outputs were pruned already: fit the kept ones
-                w_dense = w_dense[:, cols]
-                b_dense = b_dense[cols] if b_dense is not None else None
-            w_new, b_new = K.ridge_refit(grams[j], w_dense, b_dense, G.consumer_matrix(c), _bias(c, sites[j]))
+            if cols is not None and len(cols) < w_new.shape[1]:
+                w_new = w_new[:, cols]
+                b_new = b_new[cols] if b_new is not None else None
             G.set_consumer_matrix(graph, c, w_new, "refit")
             if b_new is not None:
                 if c.kind in ("conv", "gemm"):
                     G.set_const(graph, c.node, 2, b_new, "refit")
                 else:
-                    add, idx = sites[j]
-                    G.set_const(graph, add, idx, b_new, "refit")
+                    G.set_const(graph, site[0], site[1], b_new, "refit")
+
+
+def _split_bias(w: np.ndarray, has_bias: bool):
+    """[K (+1), N] -> (W [K, N], bias row or None)."""
+    return (w[:-1], w[-1]) if has_bias else (w, None)
 
 
 def _bias_site(c: G.Consumer):
