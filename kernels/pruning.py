@@ -92,13 +92,13 @@ class Gram:
     def merge(self, other: "Gram") -> "Gram":
         """A new Gram of both row sets together (sharded statistics): the sums added, `self` first,
         so merging shards in index order fixes the float summation order."""
-        if (self.bias, self.aa.shape, None if self.az is None else self.az.shape) != (
-                other.bias, other.aa.shape, None if other.az is None else other.az.shape):
+        if (self.bias, self.features, None if self._az is None else self._az.shape[1]) != (
+                other.bias, other.features, None if other._az is None else other._az.shape[1]):
             raise ValueError("cannot merge Gram matrices of different features")
         out = Gram.__new__(Gram)
-        out.bias, out.rows = self.bias, self.rows + other.rows
-        out.aa = self.aa + other.aa
-        out.az = None if self.az is None else self.az + other.az
+        out.bias, out.rows, out._buf, out._buffered = self.bias, self.rows + other.rows, [], 0
+        out._aa = self.aa + other.aa
+        out._az = None if self._az is None else self.az + other.az
         return out
 
 

@@ -75,8 +75,9 @@ def test_channel_sums_and_gram_merge_in_shard_order():
     one = K.Gram(4, 2, bias=True)
     one.update(np.concatenate(a), np.concatenate(z))
     assert m.rows == one.rows == 21 and m.bias
-    np.testing.assert_allclose(m.aa, one.aa, rtol=1e-12)
-    np.testing.assert_allclose(m.mean(), one.mean(), rtol=1e-12)
+    # Gram's products are float32 (summed in float64): one pass and the merge agree to float32 rounding.
+    np.testing.assert_allclose(m.aa, one.aa, rtol=1e-5)
+    np.testing.assert_allclose(m.mean(), one.mean(), rtol=1e-5)
     with pytest.raises(ValueError, match="different features"):
         m.merge(K.Gram(3))
 
