@@ -103,6 +103,25 @@ def test_workers_and_a_killed_worker_give_the_same_model(digits, digits_clean, m
     assert _int8(*digits, workers=2, threads=1) == digits_clean
 
 
+def test_pruning_statistics_over_workers_and_a_killed_worker_equal_one_process(digits, monkeypatch):
+    """Pruning's dense Gram statistics go through the same shards: the pruned model (unit order,
+    allocation and refits all follow from them) is the same bytes."""
+    path, folder = digits
+
+    def pruned(**kw) -> bytes:
+        return onnxopt.compile(str(path), prune=0.3, prune_round=4, calibration_data=str(folder),
+                               verify_outputs=False, **kw).model.SerializeToString()
+
+    clean = pruned()
+    monkeypatch.setenv(scaleout.KILL_ENV, "2")
+    assert pruned(workers=2, threads=1) == clean
+    monkeypatch.setenv(scaleout.KILL_ENV, "2:always")  # the statistics did run in the workers
+    monkeypatch.setattr(scaleout, "RETRIES", 0)
+    with pytest.raises(onnxopt.CompileError,
+                       match=r"^calibration shard 2 \(samples 128-191: .*\) failed on every try \(1\)"):
+        pruned(workers=2, threads=1)
+
+
 def test_a_shard_failing_every_try_is_one_line_naming_its_files(digits, tmp_path, monkeypatch, capsys):
     path, folder = digits
     out = tmp_path / "o.onnx"
