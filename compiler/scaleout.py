@@ -1,9 +1,9 @@
 """Sharded statistics on worker processes or a Ray cluster: `--workers N`, `--ray ADDRESS|auto`.
 
-A pass's statistics loop (int8 calibration) is `passes._lib.graph.run_shards(options, model, extra,
-work, shards, job, take)`: `work(session, shard, job)` is a module-level function of the pass that
-computes one shard's statistics on a session of `model` (fetching the values `extra` too), and
-`take(index, statistics)` merges them. The compiler injects one of these runners as
+A pass's statistics loop (int8's calibration histograms, pruning's dense Gram matrices) is
+`passes._lib.graph.run_shards(options, model, extra, work, shards, job, take)`: `work(session, shard,
+job)` is a module-level function of the pass that computes one shard's statistics on a session of
+`model` (fetching the values `extra` too), and `take(index, statistics)` merges them. The compiler injects one of these runners as
 `options["shard_runner"]`; all of them hand `take` the shards' results **in shard index order**, so
 the merged statistics are the same to the bit whatever the number of workers:
 

@@ -1,7 +1,7 @@
 """Sharded int8 calibration (onnxopt.scaleout): throughput with 1 and 2 workers, the driver's memory
 from 512 to 4096 samples, and the MiniLM output model of 2 Ray workers against one process.
 
-    python -m onnxopt.bench.experiments.scaleout_bench [--parts throughput,memory,compile] [-o bench/results/scaleout.json]
+    python -m onnxopt.bench.experiments.scaleout_bench [--parts throughput,memory,compile,prune] [-o bench/results/scaleout.json]
 
 (`--parts` reruns only those parts, keeping the others' figures from the existing output file.)
 
@@ -16,7 +16,8 @@ to 64 tokens, written as a folder of .npz files of 8 samples each (the 585 sente
 * memory: the driver's peak traced heap (tracemalloc: Python and numpy allocations) during the
   statistics of 512 and 4096 samples through 2 worker processes, which read the files themselves.
 * compile: `onnxopt.compile(minilm, int8=True)` on the 512 samples (8 shards) in one process and over
-  2 local Ray workers: the output model bytes must be identical.
+  2 local Ray workers: the output model bytes must be identical; prune: the same for `prune=0.25`
+  (its dense Gram statistics go through the shards).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m onnxopt.bench.experiments.scaleout_bench",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="throughput,memory,compile")
+    p.add_argument("--parts", default="throughput,memory,compile,prune")
     p.add_argument("-o", "--output", default="bench/results/scaleout.json")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = zoo.build("minilm")
     feeds = _minilm_feeds(real_sentences())
-    previous = json.loads(Path(args.output).read_text()) if parts != {"throughput", "memory", "compile"} else {}
+    previous = json.loads(Path(args.output).read_text()) if parts != {"throughput", "memory", "compile", "prune"} else {}
     out: dict = {**previous, "machine": machine(), "model": "minilm (all-MiniLM-L6-v2)", "seq": MINILM_SEQ,
                  "samples_per_file": PER_FILE, "shard_samples": calibration_data.SHARD_SAMPLES,
                  "note": "2-core VM shared with two other agents' jobs: timings are contended"}
@@ -130,6 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                 out["minilm_int8_compile_512"] = {
                     "identical_bytes": a == b, "model_bytes": len(a), "one_process_s": ta, "two_ray_workers_s": tb,
                     "quantized_layers": int8["quantized"], "samples": int8["samples"]}
+            if "prune" in parts:
+                pruned = {}
+                for name, kw in (("one process", {}), ("2 Ray workers", {"ray": "auto", "workers": 2})):
+                    t = time.perf_counter()
+                    result = onnxopt.compile(path, prune=0.25, calibration_data=str(small), verify_outputs=False,
+                                             **kw)
+                    pruned[name] = (result.model.SerializeToString(), round(time.perf_counter() - t, 1))
+                (a, ta), (b, tb) = pruned.values()
+                out["minilm_prune_compile_512"] = {"identical_bytes": a == b, "model_bytes": len(a),
+                                                   "one_process_s": ta, "two_ray_workers_s": tb}
     finally:
         ray.shutdown()
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
@@ -162,6 +173,11 @@ def _markdown(out: dict) -> str:
                   f"one process {c['one_process_s']} s, 2 local Ray workers {c['two_ray_workers_s']} s; output model "
                   f"bytes identical: **{c['identical_bytes']}** ({c['model_bytes']} bytes, {c['quantized_layers']} "
                   f"layers int8, samples {c['samples']})"]
+    c = out.get("minilm_prune_compile_512")
+    if c:
+        lines += ["", "## MiniLM --prune 0.25 compile, 512 samples (8 shards of dense Gram statistics)", "",
+                  f"one process {c['one_process_s']} s, 2 local Ray workers {c['two_ray_workers_s']} s; output model "
+                  f"bytes identical: **{c['identical_bytes']}** ({c['model_bytes']} bytes)"]
     return "\n".join(lines) + "\n"
 
 
