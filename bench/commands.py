@@ -98,6 +98,12 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="build each variant N times, report the median compile time and memory (default 1)")
     p.add_argument("--keep-variants", metavar="DIR", help="keep the built variant models in DIR")
     p.add_argument("--markdown", metavar="OUT.md", help="also write the tables as Markdown")
+    p.add_argument("--ray", metavar="ADDRESS|auto",
+                   help="with --each-node: the Ray cluster to run on (auto: this machine's cluster, or a local "
+                        "one); needs onnxopt[ray]")
+    p.add_argument("--each-node", action="store_true",
+                   help="run the benchmark once on every node of the --ray cluster (one task pinned per node) and "
+                        "write one report per node: -o REPORT.json gives REPORT.nodeK-DEVICEID.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no table")
     return p
 
@@ -212,6 +218,8 @@ def bench_main(argv: list[str]) -> int:
         opt_level=args.opt_level, input_shapes=dict(args.input_shape), label=args.label, peers=peers,
         hints=hints, compile_repeat=args.compile_repeat, keep_dir=keep, argv=["onnxopt", "bench", *argv],
     )
+    if args.each_node or args.ray is not None:
+        return _each_node(args, settings)
     bar = _Bar(args.quiet)
     try:
         report = runner.run(args.models, args.ep, settings, bar)
@@ -232,6 +240,80 @@ def bench_main(argv: list[str]) -> int:
         first = report["results"][0] if report["results"] else None
         why = f" ({first['ep']}: {first['reason']})" if first else ""
         raise CompileError(f"no measurement ran{why}")
+    return EXIT_OK
+
+
+def _on_node(models: list[tuple[str, bytes]], eps: list[str], settings) -> dict:
+    """The benchmark on the node this Ray task is pinned to: the models written to a temporary folder
+    under their own file names, measured there; the report carries that node's device fingerprint."""
+    import tempfile
+
+    from onnxopt.bench import runner
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-bench-node-") as tmp:
+        paths = []
+        for k, (name, data) in enumerate(models):
+            folder = Path(tmp, str(k))
+            folder.mkdir()
+            (folder / name).write_bytes(data)
+            paths.append(str(folder / name))
+        return runner.run(paths, eps, settings, None)
+
+
+def node_report_path(output: str, k: int, device_id: str) -> Path:
+    out = Path(output)
+    return out.with_name(f"{out.name.removesuffix('.json')}.node{k}-{device_id}.json")
+
+
+def _each_node(args, settings) -> int:
+    """`bench --ray ADDRESS --each-node`: one report per node of the cluster (onnxopt.scaleout.each_node)."""
+    from onnxopt import scaleout
+    from onnxopt.bench import compare, schema
+
+    if not (args.each_node and args.ray is not None):
+        raise CompileError("--each-node needs --ray ADDRESS|auto" if args.each_node else
+                           "--ray runs the benchmark on every node of the cluster: give --each-node too")
+    if args.peers or args.variants or args.keep_variants or args.markdown:
+        raise CompileError("--each-node measures the given models only (no --peers, --variants, --keep-variants or "
+                           "--markdown): compare the node reports with `onnxopt compare`")
+    from onnxopt.bench.runner import model_names
+
+    if args.output:  # the folder and the name, before any work (the node count is known only later)
+        _check_files(args.models, "the input model", [(str(node_report_path(args.output, 0, "id")), "a node's report")])
+    models = [(f"{name}.onnx", Path(path).read_bytes()) for path, name in zip(args.models, model_names(args.models))]
+    started = scaleout.connect(args.ray)
+    try:
+        try:
+            reports = [rep for _, rep in scaleout.each_node(_on_node, models, args.ep, settings)]
+        except KeyboardInterrupt:
+            raise CompileError("interrupted") from None
+    finally:
+        scaleout.disconnect(started)
+    # Nodes of identical hardware share a fingerprint: their labels say which node is which.
+    ids = [r["device"]["id"] for r in reports]
+    for k, rep in enumerate(reports):
+        if settings.label is None and ids.count(rep["device"]["id"]) > 1:
+            rep["label"] = f"{rep['label']} (node {k})"
+    paths = [node_report_path(args.output, k, rep["device"]["id"]) for k, rep in enumerate(reports)] \
+        if args.output else []
+    _check_files(args.models, "the input model", [(str(p), "a node's report") for p in paths])
+    if paths:  # all the node reports or none (compiler/files.py)
+        from onnxopt.files import commit, remove_staging, staging_dir
+
+        folder = staging_dir(paths[0])
+        try:
+            commit([(schema.save(rep, folder / path.name), path) for rep, path in zip(reports, paths)])
+        finally:
+            remove_staging([folder])
+    if not args.quiet:
+        if len(reports) > 1:
+            print(compare.markdown(compare.build(reports)))
+        else:
+            print(_summary(reports[0]))
+        for path in paths:
+            print(f"wrote {path}")
+    if not any(r["status"] == "ok" for rep in reports for r in rep["results"]):
+        raise CompileError("no measurement ran on any node")
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt import __version__, emit, host, ir_version, load, pipeline, report, verify, weights
+from onnxopt import __version__, emit, host, ir_version, load, pipeline, report, scaleout, verify, weights
 from onnxopt.errors import CompileError
 from onnxopt.files import FileSet
 from onnxopt.options import CompileOptions
@@ -138,7 +138,8 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     `enable`, `disable`, `fold_initializer_inputs`, `verify_outputs`, `input_shapes`, `input_data`,
     `tolerance`, `inference_dropout`, `fp16`, `fp16_io`, `int8`, `calibration_data`,
     `calibration_samples`, `calibration_method`, `int8_min_cosine`, `int8_metric`, `int8_target`,
-    `int8_reduce_range`, `progress`, `prune`, `prune_round`, `prune_min_cosine`, `base_dir`.
+    `int8_reduce_range`, `progress`, `prune`, `prune_round`, `prune_min_cosine`, `base_dir`, `workers`,
+    `ray`, `threads`.
 
     Raises CompileError with a one-line message on bad input, or when verification finds that an
     exact level changed the outputs by more than `tolerance` (relative to each output's magnitude).
@@ -159,7 +160,9 @@ def compile(model, opt_level: int = 2, target: str = "cpu", *, options: CompileO
     called as calibration and the fidelity control advance. `prune=F` (with `calibration_data`)
     removes the fraction F of the prunable MACs by structured pruning with reconstruction
     (onnxopt.passes.prune), kept counts rounded to multiples of `prune_round`, backing off until the
-    held-out min cosine reaches `prune_min_cosine` when given.
+    held-out min cosine reaches `prune_min_cosine` when given. `workers` (local processes) or `ray`
+    (a Ray address or "auto") compute the calibration statistics in shards, each worker's session with
+    `threads` intra-op threads; the output is the same to the bit (onnxopt.scaleout).
     """
     if options is None:
         options = CompileOptions.from_keywords(opt_level=opt_level, target=target, **keywords)
@@ -206,6 +209,8 @@ class _Compile:
         # are out of distribution for calibrated ranges, so there verification only requires finite
         # outputs and reports the cosine.
         self.lossy_min_cosine = -1.0 if (o.int8 or o.prune is not None) else (FP16_MIN_COSINE if o.fp16 else None)
+        if o.ray is not None:
+            scaleout.check_ray()
         if plugins.load_errors:
             entry, error = plugins.load_errors[0]
             raise CompileError(f"plugin pass package {entry!r} (entry point group {plugins.ENTRY_POINT_GROUP!r}) "
@@ -249,16 +254,23 @@ class _Compile:
         if self.opts.opset is not None:
             graph = _upgrade_opset(graph, self.opts.opset)
         graph = self.int8_opset(graph)
+        lossy = self.opts.int8 or self.opts.prune is not None
+        runner = scaleout.make_runner(self.opts) if lossy else None
         pass_options = {
             **self.opts.for_passes(),
-            # Passes must not import the compiler package; calibration gets its sessions from here.
+            # Passes must not import the compiler package; calibration gets its sessions from here,
+            # and the runner of its shards (this process, worker processes or Ray tasks).
             "make_session": verify.session,
             "make_kernel_session": functools.partial(verify.session, optimize=True),
+            "shard_runner": runner,
         }
         try:
             records = pipeline.run(graph, infos, pass_options)
         except CalibrationError as exc:
             raise CompileError(str(exc)) from None
+        finally:
+            if runner is not None:
+                runner.close()
         ir_upgrade = ir_version.conform(graph)
         self.times["passes"] = time.perf_counter()
         return graph, records, ir_upgrade

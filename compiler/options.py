@@ -185,6 +185,23 @@ class CompileOptions:
         Cli(("--prune-min-cosine",), dict(type=float, metavar="C", help="fidelity target on held-out calibration "
                                           "samples: prune less until it holds")),
         message="--prune-min-cosine must be in [-1, 1] (got {value!r})")
+    # Where calibration statistics are computed (onnxopt.scaleout): the output is the same to the bit
+    # whatever these say, so they are not in the report.
+    workers: int = option(
+        1, lambda x: _is_int(x) and x >= 1, "a whole number >= 1",
+        Cli(("--workers",), dict(type=int, metavar="N", help="calibration statistics in N local worker processes "
+                                 "(default 1: this process); with --ray, the Ray tasks in flight")),
+        report=False, message="--workers must be a whole number >= 1 (got {value!r})")
+    ray: str | None = option(
+        None, lambda x: x is None or (isinstance(x, str) and x.strip() != ""), "None or a Ray address",
+        Cli(("--ray",), dict(metavar="ADDRESS|auto", help="calibration statistics as Ray tasks on the cluster at "
+                             "ADDRESS (auto: this machine's cluster, or a local one); needs onnxopt[ray]")),
+        report=False)
+    threads: int | None = option(
+        None, lambda x: x is None or (_is_int(x) and x >= 1), "None or a whole number >= 1",
+        Cli(("--threads",), dict(type=int, metavar="N", help="onnxruntime intra-op threads of each calibration "
+                                 "worker (default: cores / workers; 1 with --ray)")),
+        report=False, message="--threads must be a whole number >= 1 (got {value!r})")
     base_dir: object = option(None, lambda x: x is None or isinstance(x, (str, os.PathLike)), "None or a folder path",
                               report=False)
 

@@ -329,16 +329,29 @@ def load_input_data(model: ir.Model, data) -> dict[str, np.ndarray]:
 
 
 def session(model: onnx.ModelProto | ir.Model | str | os.PathLike, providers=("CPUExecutionProvider",),
-            optimize: bool = False):
+            optimize: bool = False, threads: int | None = None):
     """An onnxruntime session with every graph optimization off (`optimize`: all on, as deployed;
-    for measuring what the fused and integer kernels compute)."""
+    for measuring what the fused and integer kernels compute); `threads` intra-op threads (None:
+    onnxruntime's default)."""
     # Verification runs once: pre-packing weights would only add a copy and startup time.
-    options = sessions.options(optimize=optimize, prepacking=False)
+    options = sessions.options(optimize=optimize, prepacking=False, threads=threads)
     if isinstance(model, ir.Model):
-        return weights.session(model, options, providers, edit=_relax_declared_dims)
+        return weights.session_from_parts(session_parts(model), options, providers)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     return sessions.session(model, options, providers)
+
+
+def session_parts(model: ir.Model) -> tuple:
+    """The picklable parts of `session(model)` (weights.session_parts), for sessions made elsewhere
+    (calibration workers, onnxopt.scaleout) that must compute exactly what this process would."""
+    return weights.session_parts(model, edit=_relax_declared_dims)
+
+
+def session_from_parts(parts, optimize: bool = False, threads: int | None = None,
+                       providers=("CPUExecutionProvider",)):
+    return weights.session_from_parts(parts, sessions.options(optimize=optimize, prepacking=False, threads=threads),
+                                      providers)
 
 
 def _relax_declared_dims(proto: onnx.ModelProto) -> None:

@@ -88,8 +88,12 @@ def check(model: ir.Model, full_check: bool = True) -> None:
 def session(model: ir.Model, options, providers, edit=None):
     """An onnxruntime session whose large weights are handed over as OrtValues, not protobuf.
     `edit(proto)` may adjust the skeleton first (the verifier relaxes declared 0 dims)."""
-    import onnxruntime as ort
+    return session_from_parts(session_parts(model, edit), options, providers)
 
+
+def session_parts(model: ir.Model, edit=None) -> tuple[bytes, list[str], list[np.ndarray]]:
+    """What a session is made of: the serialized skeleton, and the names and arrays of the weights it
+    uses (picklable, so a worker process or a Ray task makes the same session: session_from_parts)."""
     proto, weights = skeleton(model)
     if edit is not None:
         edit(proto)
@@ -98,10 +102,17 @@ def session(model: ir.Model, options, providers, edit=None):
     # lists: a folded-away If or Loop can leave stale uses of a weight nothing reads any more.
     used = _names_used(proto.graph) | {o.name for o in proto.graph.output}
     weights = [(name, t) for name, t in weights if name in used]
-    values = [ort.OrtValue.ortvalue_from_numpy(array(t)) for _, t in weights]
-    if weights:
-        options.add_external_initializers([name for name, _ in weights], values)
-    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
+    return proto.SerializeToString(), [name for name, _ in weights], [array(t) for _, t in weights]
+
+
+def session_from_parts(parts: tuple[bytes, list[str], list[np.ndarray]], options, providers):
+    import onnxruntime as ort
+
+    skeleton_bytes, names, arrays = parts
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if names:
+        options.add_external_initializers(names, values)
+    sess = ort.InferenceSession(skeleton_bytes, options, providers=list(providers))
     sess._onnxopt_weights = values  # onnxruntime may use the buffers: keep them alive with it
     return sess
 

@@ -161,6 +161,32 @@ class AbsHistogram:
         return a
 
 
+class ChannelSums:
+    """Per-channel sums (float64) and row count of a tensor, channels on `axis`: the input means
+    int8's bias correction needs. Mergeable like AbsHistogram; the sums are float, so the result is
+    fixed by the order of updates and merges (sharded calibration merges in shard index order)."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.sum: np.ndarray | float = 0.0
+        self.count = 0
+
+    def update(self, x) -> ChannelSums:
+        channels = np.moveaxis(np.asarray(x, dtype=np.float64), self.axis, -1)
+        channels = channels.reshape(-1, channels.shape[-1])
+        self.sum = self.sum + channels.sum(axis=0)
+        self.count += channels.shape[0]
+        return self
+
+    def merge(self, other: ChannelSums) -> ChannelSums:
+        out = ChannelSums(self.axis)
+        out.sum, out.count = self.sum + other.sum, self.count + other.count
+        return out
+
+    def mean(self) -> np.ndarray | float:
+        return self.sum / self.count
+
+
 def _count_at(bound: float, count: int, new: float, beyond: bool, a: np.ndarray) -> int:
     """The count of values equal to the extreme once `a`, whose own extreme is `new`, is added
     (`beyond`: `new` is past the current extreme `bound`)."""

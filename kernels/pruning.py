@@ -89,6 +89,18 @@ class Gram:
     def mean(self) -> np.ndarray:
         return self.aa / max(self.rows, 1)
 
+    def merge(self, other: "Gram") -> "Gram":
+        """A new Gram of both row sets together (sharded statistics): the sums added, `self` first,
+        so merging shards in index order fixes the float summation order."""
+        if (self.bias, self.features, None if self._az is None else self._az.shape[1]) != (
+                other.bias, other.features, None if other._az is None else other._az.shape[1]):
+            raise ValueError("cannot merge Gram matrices of different features")
+        out = Gram.__new__(Gram)
+        out.bias, out.rows, out._buf, out._buffered = self.bias, self.rows + other.rows, [], 0
+        out._aa = self.aa + other.aa
+        out._az = None if self._az is None else self.az + other.az
+        return out
+
 
 def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """Patches of an NCHW input as rows [N*OH*OW, C*kh*kw], columns ordered like W.reshape(Cout, -1)."""

@@ -296,3 +296,18 @@ def session_of(model: ir.Model, make_session, extra: list[ir.Value] = ()):
             graph.outputs.remove(v)
         for _, v in unused:
             graph.register_initializer(v)
+
+
+def run_shards(options: dict, model: ir.Model, extra: list[ir.Value], work, shards, job, take, *,
+               optimize: bool = False) -> None:
+    """Map `work(session, shard, job)` over `shards` on a session of `model` fetching `extra` too,
+    calling `take(index, result)` in shard index order. Through `options["shard_runner"]` (the
+    compiler's worker processes or Ray tasks, onnxopt.scaleout) when given, else here, one shard after
+    another on one session from `options["make_session"]` (`make_kernel_session` when `optimize`)."""
+    runner = options.get("shard_runner")
+    if runner is not None:
+        return runner(model, extra, work, shards, job, take, optimize=optimize)
+    make_session = (options.get("make_kernel_session") if optimize else None) or options["make_session"]
+    session = session_of(model, make_session, extra)
+    for i, shard in enumerate(shards):
+        take(i, work(session, shard, job))

@@ -10,8 +10,11 @@ Accepted sources (one sample = one model run):
 
 Wrong names, ranks, fixed dimensions, dtypes, NaN / infinite values and too few samples raise
 :class:`CalibrationError` with a one-line message. Files are checked completely before
-calibration starts; an iterable is checked sample by sample as it is consumed (its first sample
-before any work).
+calibration starts (one at a time), and again by whoever reads a shard of them; an iterable is
+checked sample by sample as it is consumed (its first sample before any work).
+
+Sharded calibration (`CalibrationSource.shards`): the samples are cut into runs of SHARD_SAMPLES
+consecutive samples, a shard of files being a list of (file, rows) that the worker reads itself.
 """
 
 from __future__ import annotations
@@ -146,16 +149,86 @@ def _load_npy(path: Path) -> np.ndarray:
         raise CalibrationError(f"{path}: cannot read as .npy ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
+# Samples per shard of sharded calibration (`shards()`). The partition depends on the data only, never
+# on the number of workers: every worker count merges the same shard statistics in the same order,
+# so float sums (channel means, Gram matrices) are the same to the bit.
+SHARD_SAMPLES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """The samples [start, start + count) of a source, as whoever processes them reads them: `parts`
+    are (file, first row, end row) of .npz files (or of a folder of .npy files, `kind` "npy"), read
+    by `samples()`; a shard of an iterable carries its feeds (`kind` "feeds")."""
+
+    index: int
+    start: int
+    count: int
+    kind: str = "npz"
+    parts: tuple[tuple[str, int, int], ...] = ()
+    feeds: tuple = ()
+
+    def files(self) -> list[str]:
+        return [path for path, _, _ in self.parts]
+
+    def describe(self) -> str:
+        where = f": {', '.join(dict.fromkeys(self.files()))}" if self.parts else ", feed dicts"
+        return f"shard {self.index} (samples {self.start}-{self.start + self.count - 1}{where})"
+
+    def samples(self, specs: list[InputSpec], last: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The shard's feeds, its files read (and checked) one at a time. `last` keeps the last file
+        read between calls, for consecutive shards of one large .npz."""
+        if self.kind == "feeds":
+            yield from self.feeds
+            return
+        last = {} if last is None else last
+        for path, first, end in self.parts:
+            if last.get("path") != path:
+                last.clear()
+                f = Path(path)
+                arrays = _npy_arrays(f, specs) if self.kind == "npy" else _load_npz(f)
+                last.update(path=path, row=_arrays_source(arrays, specs, path)[1])
+            for k in range(first, end):
+                yield last["row"](k)
+
+
 @dataclasses.dataclass
 class CalibrationSource:
-    """Validated calibration samples: iterate for feed dicts; `count` is None for a bare iterable."""
+    """Validated calibration samples: iterate for feed dicts; `count` is None for a bare iterable.
+    `shards()` cuts the same samples into Shards of SHARD_SAMPLES (files are read by whoever
+    processes a shard; an iterable is consumed as the shards are taken)."""
 
     iterator: Iterator[dict[str, np.ndarray]]
     count: int | None
     description: str
+    files: list[tuple[str, int]] | None = None  # (file, samples) of a path source, in order
+    kind: str = "npz"
 
     def __iter__(self):
         return self.iterator
+
+    def shards(self, size: int = SHARD_SAMPLES) -> Iterator[Shard]:
+        if self.files is None:
+            for index in itertools.count():
+                feeds = tuple(itertools.islice(self.iterator, size))
+                if not feeds:
+                    return
+                yield Shard(index, index * size, len(feeds), "feeds", feeds=feeds)
+        parts: list[tuple[str, int, int]] = []
+        start = taken = 0
+        index = 0
+        for path, rows in self.files:
+            row = 0
+            while row < rows and start + taken < self.count:
+                n = min(rows - row, size - taken, self.count - start - taken)
+                parts.append((path, row, row + n))
+                row += n
+                taken += n
+                if taken == size:
+                    yield Shard(index, start, taken, self.kind, tuple(parts))
+                    index, start, taken, parts = index + 1, start + taken, 0, []
+        if taken:
+            yield Shard(index, start, taken, self.kind, tuple(parts))
 
 
 def open_source(data, model: ir.Model, samples: int | None = None) -> CalibrationSource:
@@ -170,21 +243,19 @@ def open_source(data, model: ir.Model, samples: int | None = None) -> Calibratio
         if not path.exists():
             raise CalibrationError(f"calibration data {str(path)!r}: no such file or folder")
         if path.is_dir():
-            parts = _folder_parts(path, specs)
+            files, kind = _folder_files(path, specs)
         elif path.suffix == ".npz":
-            parts = [_arrays_source(_load_npz(path), specs, str(path))]
+            files, kind = [(str(path), _arrays_source(_load_npz(path), specs, str(path))[0])], "npz"
         else:
             raise CalibrationError(f"calibration data {str(path)!r}: expected an .npz file or a folder of .npz/.npy files")
-        total = sum(n for n, _ in parts)
+        total = sum(n for _, n in files)
         _check_count(total, samples, str(path))
         n = total if samples is None else min(samples, total)
-
-        def rows():
-            for count, row in parts:
-                for k in range(count):
-                    yield row(k)
-
-        return CalibrationSource(itertools.islice(rows(), n), n, str(path))
+        source = CalibrationSource(iter(()), n, str(path), files, kind)
+        # Streamed through the shards, so a single stream reads the files exactly as the shards do.
+        last: dict = {}
+        source.iterator = (feed for shard in source.shards() for feed in shard.samples(specs, last))
+        return source
     if isinstance(data, dict):
         raise CalibrationError("calibration data is a single dict: give an iterable of feed dicts (one per sample)")
     if not isinstance(data, Iterable):
@@ -222,33 +293,23 @@ def _check_count(total: int, samples: int | None, where: str) -> None:
         raise CalibrationError(f"{where}: {total} calibration sample(s), {asked}")
 
 
-def _folder_parts(path: Path, specs: list[InputSpec]):
+def _folder_files(path: Path, specs: list[InputSpec]) -> tuple[list[tuple[str, int]], str]:
+    """[(file, samples)] of a folder and its kind. Each .npz file is checked now (one at a time, so a
+    folder larger than memory is fine) and read again when its samples are streamed."""
     npz = sorted(path.glob("*.npz"))
     npy = sorted(path.glob("*.npy"))
     if npz and npy:
         raise CalibrationError(f"{path}: holds both .npz and .npy files; use one kind")
     if npz:
-        # Each file is checked now and read again when its samples are streamed.
-        parts = []
-        for f in npz:
-            n, _ = _arrays_source(_load_npz(f), specs, str(f))
-            parts.append((n, _lazy_npz_row(f, specs)))
-        return parts
+        return [(str(f), _arrays_source(_load_npz(f), specs, str(f))[0]) for f in npz], "npz"
     if npy:
-        arrays = {f.stem: _load_npy(f) for f in npy}
-        return [_arrays_source(arrays, specs, str(path))]
+        return [(str(path), _arrays_source(_npy_arrays(path, specs), specs, str(path))[0])], "npy"
     raise CalibrationError(f"{path}: no .npz or .npy files in the folder")
 
 
-def _lazy_npz_row(f: Path, specs: list[InputSpec]):
-    cache: dict = {}
-
-    def row(k: int):
-        if "row" not in cache:
-            cache["row"] = _arrays_source(_load_npz(f), specs, str(f))[1]
-        return cache["row"](k)
-
-    return row
+def _npy_arrays(folder: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """A folder of `<input name>.npy`, memory-mapped."""
+    return {f.stem: _load_npy(f) for f in sorted(folder.glob("*.npy"))}
 
 
 @dataclasses.dataclass(frozen=True)

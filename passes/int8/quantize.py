@@ -60,7 +60,7 @@ from onnxopt.passes.base import OptPass
 from onnxopt.passes.int8.calibration_data import CalibrationError
 from onnxopt.passes._lib.graph import constant_array
 from onnxopt.passes.registry import register
-from onnxopt.passes.int8 import qdq
+from onnxopt.passes.int8 import qdq, statistics
 from onnxopt.passes.int8.control import MARGIN_RULES, _Act, _EvalGraph, _Samples
 from onnxopt.passes.int8.layers import (
     LAYER_OPS, VALIDATION_KEPT, FIT_SAMPLES, MS_FUSED_WITH_PROJECTIONS, Layer, Activation, _new_initializer, _session, _channel_bias, _depthwise, _float_outputs,
@@ -157,62 +157,16 @@ class QuantizeInt8Pass(OptPass):
         """|x| histograms of `acts` and per-channel sums of those in `mean_axes` (name -> channel axis)
         over the calibration part; feeds and float outputs of (at most FIT_SAMPLES) calibration and
         (at most VALIDATION_KEPT) validation samples; for top1, every sample's float top-2 margins.
-        One streamed pass over the data."""
-        graph = model.graph
-        inputs = {v.name for v in graph.inputs}
-        out_names = [v.name for v in graph.outputs]
-        added = [v for v in acts if v.name not in inputs and not v.is_graph_output()]
-        for v in added:
-            graph.outputs.append(v)
-        try:
-            session = _session(model, make_session)
-        finally:
-            for v in added:
-                graph.outputs.remove(v)
-        # Activations that are graph inputs come from the feed; those that are outputs already are fetched once.
-        act_names = [v.name for v in acts if v.name not in inputs and v.name not in out_names]
-        hists = {v.name: calibration.AbsHistogram() for v in acts}
-        sums: dict[str, list] = {name: [0.0, 0] for name in mean_axes}  # channel sum, count per channel
-        fit, validation, margins, ties = [], [], [], []
-        n_calib = n_val = 0
-        t_run = 0.0
+        One streamed pass over the data, shard by shard (statistics.calibrate_shard), on this process
+        or the shard runner's workers, the shards' statistics merged in shard order."""
         t0 = time.perf_counter()
-        for k, feed in enumerate(source):
-            held = plan.is_validation(k)
-            names = out_names if held else out_names + act_names
-            t = time.perf_counter()
-            values = session.run(names, feed)
-            t_run += time.perf_counter() - t
-            outs = dict(zip(names, values))
-            ref = _float_outputs({n: outs[n] for n in out_names})
-            if top1 and ref:
-                m, tie = fidelity.top2_margins(ref)
-                margins.append(m)
-                ties.append(tie)
-            self._progress("calibrating", k + 1, source.count)
-            if held:
-                n_val += 1
-                if len(validation) < VALIDATION_KEPT:
-                    validation.append((feed, ref))
-                continue
-            n_calib += 1
-            for v in acts:
-                data = feed[v.name] if v.name in inputs else outs[v.name]
-                try:
-                    hists[v.name].update(data)
-                except ValueError:
-                    raise CalibrationError(f"calibration sample {k} gives NaN or infinite values at {v.name!r}") from None
-                if v.name in mean_axes:
-                    channels = np.moveaxis(np.asarray(data, dtype=np.float64), mean_axes[v.name], -1)
-                    channels = channels.reshape(-1, channels.shape[-1])
-                    sums[v.name][0] += channels.sum(axis=0)
-                    sums[v.name][1] += channels.shape[0]
-            if len(fit) < FIT_SAMPLES:
-                fit.append((feed, ref))
+        st = statistics.calibrate({**self.options, "make_session": make_session}, model, acts, mean_axes, source,
+                                  plan, top1, lambda done: self._progress("calibrating", done, source.count))
+        n_calib, n_val, validation = st.calibration, st.held, st.validation
         if n_calib < 1 or n_calib + n_val < calibration_data.MIN_SAMPLES:
             raise CalibrationError(f"calibration data has {n_calib + n_val} sample(s), {calibration_data.MIN_SAMPLES} needed")
-        timing = {"total_s": round(time.perf_counter() - t0, 4), "inference_s": round(t_run, 4)}
-        means = {name: total / count for name, (total, count) in sums.items()}
+        timing = {"total_s": round(time.perf_counter() - t0, 4), "inference_s": round(st.inference_s, 4)}
+        means = {name: sums.mean() for name, sums in st.sums.items()}
         counts = {"calibration": n_calib, "validation": n_val, "validation_kept": len(validation)}
         if n_val == 0:
             counts["not_split"] = (f"{n_calib} sample(s) are too few to split (a validation part needs "
@@ -220,8 +174,8 @@ class QuantizeInt8Pass(OptPass):
                                    "fidelity was controlled and measured on the calibration samples")
         elif n_val < calibration_data.MIN_VALIDATION:
             counts["small_validation"] = f"only {n_val} validation sample(s) (an iterable of unknown length: every fifth)"
-        top = (np.concatenate(margins), np.concatenate(ties)) if margins else (None, None)
-        return hists, means, fit, validation, counts, timing, top
+        top = (np.concatenate(st.margins), np.concatenate(st.ties)) if st.margins else (None, None)
+        return st.hists, means, st.fit, validation, counts, timing, top
 
     def _progress(self, stage: str, done: int, total: int | None) -> None:
         callback = self.options.get("progress")

@@ -38,6 +38,7 @@ declined with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -52,7 +53,7 @@ from onnxopt.passes.prune import groups as G
 from onnxopt.passes.prune import token_mask as TM
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.int8.calibration_data import CalibrationError
-from onnxopt.passes._lib.graph import constant_array, remove_dead, session_of
+from onnxopt.passes._lib.graph import constant_array, remove_dead, run_shards, session_of
 from onnxopt.passes.registry import register
 
 HOLDOUT_EVERY = 5
@@ -107,13 +108,56 @@ def _conv_attrs(node: ir.Node, w_shape):
 
 def _rows(c: G.Consumer, x: np.ndarray, keep=None) -> np.ndarray:
     """The consumer's input rows (im2col patches for a Conv), padding tokens left out."""
-    if c.kind != "conv":
-        return TM.select(x, keep) if c.kind == "matmul" else x.reshape(x.shape[0], -1)
-    w = constant_array(c.node.inputs[1])
-    k, s, p, d = _conv_attrs(c.node, w.shape)
+    return _spec_rows(_row_spec(c), x, keep)
+
+
+def _row_spec(c: G.Consumer) -> tuple:
+    """What `_spec_rows` needs of a consumer, picklable (a shard's statistics run in a worker)."""
+    return (c.kind, _conv_attrs(c.node, constant_array(c.node.inputs[1]).shape) if c.kind == "conv" else None)
+
+
+def _spec_rows(spec: tuple, x: np.ndarray, keep=None) -> np.ndarray:
+    kind, conv = spec
+    if kind != "conv":
+        return TM.select(x, keep) if kind == "matmul" else x.reshape(x.shape[0], -1)
+    k, s, p, d = conv
     if len(k) == 2:
         return K.im2col(x, k, s, (p[0], p[1], p[2], p[3]), d)
     return K.im2col(x[..., None], (k[0], 1), (s[0], 1), (p[0], 0, p[1], 0), (d[0], 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GramJob:
+    """What every shard of the dense statistics needs: the model inputs, every consumer's input (to
+    fetch), row spec and bias column, and the padding mask with whether samples are trimmed to it."""
+
+    specs: tuple
+    acts: tuple[str, ...]
+    rows: tuple
+    bias: tuple[bool, ...]
+    mask: str | None
+    trim: bool
+
+
+def _gram_shard(session, shard, job: _GramJob) -> list:
+    """The Gram of every consumer's input rows over one shard's calibration samples (held-out ones,
+    every HOLDOUT_EVERY-th of the whole source, left out); None where the shard gave no rows."""
+    grams: list = [None] * len(job.acts)
+    for i, feed in enumerate(shard.samples(list(job.specs))):
+        if (shard.start + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+            continue
+        if job.trim:
+            feed = TM.trim(feed, job.mask) or feed
+        keep = TM.rows(feed, job.mask)
+        for jj, act in enumerate(session.run(list(job.acts), feed)):
+            rows = _spec_rows(job.rows[jj], act, keep)
+            if grams[jj] is None:
+                grams[jj] = K.Gram(rows.shape[1], bias=job.bias[jj])
+            grams[jj].update(rows)
+    for g in grams:
+        if g is not None:
+            _ = g.aa  # reading the sums flushes the buffered rows: only the sums travel back
+    return grams
 
 
 def _macs(node: ir.Node, shape_of) -> float:
@@ -395,17 +439,21 @@ class PrunePass(OptPass):
             j += len(g.consumers)
         tuner = _Tuner(model, consumers, make_session)
 
-        # Statistics on the dense model: Gram of every consumer's input rows ([a, 1] with a bias).
+        # Statistics on the dense model: Gram of every consumer's input rows ([a, 1] with a bias), shard
+        # by shard (_gram_shard) where the shard runner says (--workers, --ray), merged in shard order.
         grams: list = [None] * len(consumers)
-        for k, is_held, feed in self._stream(model, "statistics"):
-            if is_held:
-                continue
-            keep = TM.rows(feed, self._mask)
-            for jj, (c, act) in enumerate(zip(consumers, tuner.run(feed))):
-                rows = _rows(c, act, keep)
-                if grams[jj] is None:
-                    grams[jj] = K.Gram(rows.shape[1], bias=tuner.has_bias(jj))
-                grams[jj].update(rows)
+        source = calibration_data.open_source(self._data, model, opts.get("calibration_samples"))
+        job = _GramJob(tuple(calibration_data.input_specs(model)), tuple(tuner.acts),
+                       tuple(_row_spec(c) for c in consumers), tuple(tuner.has_bias(jj) for jj in range(len(consumers))),
+                       self._mask, self._trim)
+
+        def take(index: int, shard_grams: list) -> None:
+            for jj, g in enumerate(shard_grams):
+                if g is not None:
+                    grams[jj] = g if grams[jj] is None else grams[jj].merge(g)
+
+        run_shards(opts, model, [c.node.inputs[0] for c in consumers], _gram_shard, source.shards(), job, take,
+                   optimize=True)
 
         # Order within groups (OBS), chunk costs, and each group's measured sensitivity curve.
         chunks, costs, orders, curves = [], [], [], []
