@@ -286,7 +286,7 @@ def concat_model(dead=(1, 7, 12, 13), twice=False):
     return _model(nodes, [_f("x", list(IMG))], [_f("y", [1, 4, 6, 6])], inits)
 
 
-def split_model(opset=17, dead=(2, 9, 10, 15), consumers=1):
+def split_model(opset=17, dead=(2, 9, 10, 15), consumers=1, direct=False):
     """Conv 3 -> 16, Split [8, 8] (attribute before opset 13, input, or num_outputs at 18),
     Relu and Sigmoid, Concat in the other order, Conv 16 -> 4 (or each half to its own Conv)."""
     tail, wt = _conv_tail(16, dead)
@@ -301,6 +301,10 @@ def split_model(opset=17, dead=(2, 9, 10, 15), consumers=1):
              helper.make_node("Relu", ["s1"], ["r1"]), helper.make_node("Sigmoid", ["s2"], ["r2"])]
     if consumers == 1:
         nodes += [helper.make_node("Concat", ["r2", "r1"], ["c"], axis=1), tail]
+        if direct:  # a second consumer reads p in its own channel order
+            inits["wd"] = RNG.normal(size=(4, 16, 1, 1))
+            tail.output[0] = "y0"
+            nodes += [helper.make_node("Conv", ["p", "wd"], ["yd"]), helper.make_node("Add", ["y0", "yd"], ["y"])]
     else:
         nodes += [helper.make_node("Conv", ["r1", "w1"], ["y1"]), helper.make_node("Conv", ["r2", "w2"], ["y2"]),
                   helper.make_node("Add", ["y1", "y2"], ["y"])]
@@ -368,9 +372,10 @@ def test_prune_channel_kinds_oracle(model, kind):
 
 
 @pytest.mark.parametrize("model,reason", [
-    (lambda: concat_model(dead=(), twice=True), "does not read every unit once"),
-    (lambda: split_model(consumers=2), "does not read every unit once"),
+    (lambda: concat_model(dead=(), twice=True), "reads a unit twice"),
+    (lambda: split_model(consumers=2), "reads 8 of the group's 16 units (e.g. one side of a Split)"),
     (lambda: grouped_model(groups=3, per_out=2, dead=(), cut=True), "cut through its groups"),
+    (lambda: split_model(direct=True), "reads the units in another order than"),
 ])
 def test_declines_channel_kinds(model, reason):
     _, groups = _groups(model(), _img()[0])

@@ -897,9 +897,15 @@ def _finish(group: Group, shape_of) -> None:
     if not group.consumers:
         raise Decline("no consumer reads the channels")
     roots = sorted({group.find(u) for u in range(len(group.parent))})
+    for c in group.consumers:  # the pass refits each consumer on all the units
+        read = [group.find(u) for u in c.layout.units]
+        where = f"{c.node.op_type} {c.node.name!r}"
+        if len(set(read)) < len(read):
+            raise Decline(f"{where} reads a unit twice (e.g. a Concat of a tensor with itself)")
+        if len(read) != len(roots):
+            raise Decline(f"{where} reads {len(read)} of the group's {len(roots)} units (e.g. one side of a Split): "
+                          "each consumer must read them all")
     first = [group.find(u) for u in group.consumers[0].layout.units]
-    if sorted(first) != roots:
-        raise Decline(f"{group.consumers[0].node.op_type} {group.consumers[0].node.name!r} does not read every unit once")
     order = {r: k for k, r in enumerate(first)}
     group.klass = [order[group.find(u)] for u in range(len(group.parent))]
     for c in group.consumers:
