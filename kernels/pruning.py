@@ -29,6 +29,13 @@ import numpy as np
 DAMP = 0.1
 
 
+def damping(gram: "Gram") -> float:
+    """OBS damping for a Gram of `rows` rows: DAMP, stronger when there are fewer rows than
+    features (a classifier after global pooling sees one row per sample: its Gram has rank = the
+    samples, and an undamped refit would reconstruct those samples exactly and nothing else)."""
+    return DAMP * max(1.0, gram.features / max(gram.rows, 1))
+
+
 class Gram:
     """Running sums of a a^T (float64), of a, and optionally of a z^T for a second input z.
 
@@ -141,11 +148,11 @@ def zeroing_cost(w: np.ndarray, g: np.ndarray, rows: np.ndarray) -> float:
 class ObsConsumer:
     """One consumer's state for greedy removal: W (compensated as rows go) and H = G^-1."""
 
-    def __init__(self, w: np.ndarray, g: np.ndarray, block: int) -> None:
+    def __init__(self, w: np.ndarray, g: np.ndarray, block: int, damp: float = DAMP) -> None:
         self.block = block
         self.energy = output_energy(w, g)
         self.w = np.array(w, dtype=np.float64)
-        self.h = np.linalg.inv(_damped(g))
+        self.h = np.linalg.inv(_damped(g, damp))
 
     def rows(self, units) -> np.ndarray:
         b = self.block

@@ -396,6 +396,19 @@ def test_measured_costs_follow_the_measured_curve():
     assert np.all(np.diff(_measured_costs(costs, [(1.0, 0.3), (3.0, 0.2)])) >= 0)
 
 
+def test_sample_roles_and_damping():
+    """Every fifth sample is held out, the one before validates the sensitivity measurements, the rest
+    fit the statistics; a Gram with fewer rows than features is damped harder."""
+    from onnxopt.passes.prune.structured import _role
+
+    roles = [_role(k) for k in range(10)]
+    assert roles.count("held") == 2 and roles.count("validation") == 2 and roles.count("fit") == 6
+    few, many = K.Gram(100), K.Gram(100)
+    few.update(RNG.normal(size=(10, 100)))
+    many.update(RNG.normal(size=(1000, 100)))
+    assert K.damping(few) == pytest.approx(10 * K.damping(many)) and K.damping(many) == K.DAMP
+
+
 def test_allocate_reaches_budget_and_prefers_cheap():
     chunks = [[1, 1, 1], [1, 1, 1]]
     costs = [[1.0, 2.0, 3.0], [0.1, 0.2, 10.0]]

@@ -57,13 +57,23 @@ from onnxopt.passes._lib.graph import constant_array, remove_dead, run_shards, s
 from onnxopt.passes.registry import register
 
 HOLDOUT_EVERY = 5
-# Fit samples kept in memory to measure each group's sensitivity on.
+
+
+def _role(k: int) -> str:
+    """Sample k's part: every fifth is held out (fidelity), the one before it validates (the
+    sensitivity measurements, which must not see the samples the statistics were fitted on), the
+    rest fit."""
+    r = k % HOLDOUT_EVERY
+    return "held" if r == HOLDOUT_EVERY - 1 else "validation" if r == HOLDOUT_EVERY - 2 else "fit"
+
+# Validation samples kept in memory to measure each group's sensitivity on.
 FIT_SAMPLES = 8
 HELDOUT_SAMPLES = 32
 # Smallest fraction of a group's units that is always kept.
 MIN_KEEP = 0.1
-# Sensitivity is measured with each group pruned to these fractions of its removable chunks.
-PROBE_LEVELS = (0.25, 0.5, 0.75)
+# Sensitivity is measured with each group pruned to these fractions of its removable chunks (all of
+# them last: the allocation may take a group down to its floor, so that end is measured, not guessed).
+PROBE_LEVELS = (0.25, 0.5, 0.75, 1.0)
 BACKOFF = (0.75, 0.5, 0.25)
 # Refits of consumers in the first quarter, half, three quarters of the model run only that prefix.
 PREFIXES = (0.25, 0.5, 0.75)
@@ -144,7 +154,7 @@ def _gram_shard(session, shard, job: _GramJob) -> list:
     every HOLDOUT_EVERY-th of the whole source, left out); None where the shard gave no rows."""
     grams: list = [None] * len(job.acts)
     for i, feed in enumerate(shard.samples(list(job.specs))):
-        if (shard.start + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+        if _role(shard.start + i) != "fit":
             continue
         if job.trim:
             feed = TM.trim(feed, job.mask) or feed
@@ -352,7 +362,7 @@ class PrunePass(OptPass):
         for k, feed in enumerate(it):
             if self._trim:
                 feed = TM.trim(feed, self._mask) or feed
-            yield k, k % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, feed
+            yield k, _role(k), feed
 
     # ---- the pass -----------------------------------------------------------------------------
 
@@ -388,9 +398,9 @@ class PrunePass(OptPass):
         probe = _session(model, make_session, values)
         out_names = [v.name for v in graph.outputs]
         shapes: dict[str, tuple] = {}
-        fit, held = [], []
+        val, held = [], []  # validation samples (sensitivity), held-out samples (fidelity)
         self._trim = False
-        for k, is_held, feed in self._stream(model, "probe"):
+        for k, role, feed in self._stream(model, "probe"):
             if k == 0:
                 names = out_names + [v.name for v in values if v.name not in out_names]
                 got = probe.run(names, feed)
@@ -401,16 +411,17 @@ class PrunePass(OptPass):
                 if self._trim:
                     feed = TM.trim(feed, self._mask)
                     outs = probe.run(out_names, feed)
-            elif (is_held and len(held) < HELDOUT_SAMPLES) or (not is_held and len(fit) < FIT_SAMPLES):
+            elif (role == "held" and len(held) < HELDOUT_SAMPLES) or (role == "validation" and len(val) < FIT_SAMPLES):
                 outs = probe.run(out_names, feed)
             else:
                 continue
             ref = _float_outputs(out_names, outs)
-            (held if is_held else fit).append((feed, ref))
+            if role != "fit":
+                (held if role == "held" else val).append((feed, ref))
         del probe
-        if not held or not fit:
+        if not held or not val:
             raise CalibrationError(f"pruning needs at least {HOLDOUT_EVERY} calibration samples "
-                                   f"(every {HOLDOUT_EVERY}th is held out to measure fidelity)")
+                                   f"(every {HOLDOUT_EVERY}th is held out to measure fidelity, the one before it to measure sensitivity)")
 
         def shape_of(v):
             return shapes.get(v.name) if v is not None else None
@@ -457,12 +468,13 @@ class PrunePass(OptPass):
 
         # Order within groups (OBS), chunk costs, and each group's measured sensitivity curve.
         chunks, costs, orders, curves = [], [], [], []
-        float_outs = [n for n in out_names if n in fit[0][1]]
+        float_outs = [n for n in out_names if n in val[0][1]]
         for g, sl in zip(ok, slots):
             floor = max(1, math.ceil(MIN_KEEP * g.units))
             sizes = K.chunk_sizes(g.units, g.unit, round_to, floor)
             levels = sorted({max(1, round(q * len(sizes))) for q in PROBE_LEVELS}) if sizes else []
-            obs = [K.ObsConsumer(tuner.augmented(jj), grams[jj].mean(), consumers[jj].block * g.unit) for jj in sl]
+            obs = [K.ObsConsumer(tuner.augmented(jj), grams[jj].mean(), consumers[jj].block * g.unit,
+                                 K.damping(grams[jj])) for jj in sl]
             order, cost, snaps = K.obs_order(obs, g.units, sizes, snapshots=levels)
             points = []
             for t in levels:
@@ -470,7 +482,7 @@ class PrunePass(OptPass):
                 for jj, w in zip(sl, snaps[t]):
                     over.update(tuner.weights(jj, *_split_bias(w, tuner.has_bias(jj))))
                 errs = []
-                for feed, ref in fit:
+                for feed, ref in val:
                     got = dict(zip(float_outs, tuner.run(feed, over, float_outs)))
                     errs.append(1.0 - _sample_cosine(ref, got, TM.rows(feed, self._mask)))
                 points.append((float(sum(cost[:t])), float(np.mean(errs))))
@@ -592,12 +604,12 @@ class PrunePass(OptPass):
             halves = {jj: [None, None] for jj in sl}
             names = [tuner.acts[jj] for jj in sl]
             n = 0
-            for k, is_held, feed in self._stream(model, f"reconstruction {g.describe()}"):
+            for k, role, feed in self._stream(model, f"reconstruction {g.describe()}"):
                 if n >= MIN_FIT_SAMPLES and all(
                         h[0] is not None and h[1] is not None and min(h[0].rows, h[1].rows) >= ROWS_PER_FEATURE
                         * h[0].features / 2 for h in halves.values()):
                     break
-                if is_held:
+                if role != "fit":
                     continue
                 keep = TM.rows(feed, self._mask)
                 pruned = tuner.run(feed, current, names)
@@ -613,7 +625,7 @@ class PrunePass(OptPass):
                 n += 1
             for jj in sl:
                 has_b = tuner.has_bias(jj)
-                prior = K.compensated(tuner.augmented(jj), grams[jj].mean(), gone[jj])
+                prior = K.compensated(tuner.augmented(jj), grams[jj].mean(), gone[jj], K.damping(grams[jj]))
                 pw, pb = _split_bias(prior, has_b)
                 half = halves[jj]
                 if half[1] is None:  # a single fit sample: no cross-validation
