@@ -140,11 +140,6 @@ def output_energy(w: np.ndarray, g: np.ndarray) -> float:
     return max(_quad(w, g), 1e-30)
 
 
-def zeroing_cost(w: np.ndarray, g: np.ndarray, rows: np.ndarray) -> float:
-    """Relative output error of removing `rows` of W without refitting: tr(W_S^T G_SS W_S) / tr(W^T G W)."""
-    return _quad(w[rows], g[np.ix_(rows, rows)]) / output_energy(w, g)
-
-
 class ObsConsumer:
     """One consumer's state for greedy removal: W (compensated as rows go) and H = G^-1."""
 

@@ -2,7 +2,7 @@
 closed form.
 
 Rewrite: for each dependency group (passes/prune/groups.py: Conv output channels, FFN neurons,
-attention heads of a fused Attention), the units not kept are physically removed from every tensor
+attention heads fused or not, concatenated / split / grouped channels), the units not kept are physically removed from every tensor
 of the group, and every consumer of every group is refitted, in graph order:
 
     W_c', b_c' = argmin sum_x ||W_c'^T a_pruned(x) + b_c' - (W_c^T a_dense(x) + b_c)||^2 + lam ||[W_c'; b_c'] - [W0; b0]||^2
@@ -18,8 +18,9 @@ solved in float64 (kernels/pruning.py). Rows of padding tokens (attention mask 0
 Which units: within a group, removed greedily at their Optimal Brain Surgeon cost on the dense
 inputs (the consumer output error after the best refit, relative to the consumer's output energy),
 in chunks that keep the channel count a multiple of `prune_round` (default 8). Across groups: the
-model's output error (1 - cosine, on a few calibration samples) is measured with each group alone
-pruned to a quarter, half and three quarters of what it may lose (OBS-refitted), and each group's
+model's output error (1 - cosine, on validation samples the statistics never saw) is measured with
+each group alone pruned to a quarter, half, three quarters and all of what it may lose
+(OBS-refitted), and each group's
 chunk costs are rescaled to that measured curve; chunks are then taken by the least measured cost
 per MAC saved until `prune` (a fraction) of the prunable MACs is removed, keeping at least
 `MIN_KEEP` of every group. MACs are counted per layer at the calibration shapes, attention's
@@ -29,7 +30,8 @@ All of this runs in one onnxruntime session of the dense model whose consumer we
 inputs: removing a unit is the same as zeroing its rows in every consumer (tested for every group
 kind), so each candidate and each refit is a different feed, not a different model.
 
-Fidelity: every fifth calibration sample is held out of all statistics; the report gives the
+Fidelity: every fifth calibration sample is held out of all statistics and choices (the one before
+it validates the sensitivity measurements); the report gives the
 worst cosine of the float outputs over them (min and mean over samples). With `prune_min_cosine`
 the budget backs off (3/4, 1/2, 1/4 of it) until the held-out min cosine holds, else an error says
 what was reached. Preconditions: float32 weights, opset >= 13; groups that do not qualify are
