@@ -141,13 +141,28 @@ def output_energy(w: np.ndarray, g: np.ndarray) -> float:
 
 
 class ObsConsumer:
-    """One consumer's state for greedy removal: W (compensated as rows go) and H = G^-1."""
+    """One consumer's state for greedy removal: W (compensated as rows go) and H = G^-1, both kept
+    over the rows still alive only (compacted as rows go: each update then costs what is left)."""
+
+    # Compact H and W once this fraction of their rows is dead (removed rows are pinned until then).
+    COMPACT = 0.125
 
     def __init__(self, w: np.ndarray, g: np.ndarray, block: int, damp: float = DAMP) -> None:
         self.block = block
         self.energy = output_energy(w, g)
-        self.w = np.array(w, dtype=np.float64)
+        self.shape = w.shape
+        self.wc = np.array(w, dtype=np.float64)
         self.h = np.linalg.inv(_damped(g, damp))
+        self.idx = np.arange(w.shape[0])  # original row of each compact position
+        self.pos = np.arange(w.shape[0])  # compact position of each original row (-1: removed)
+        self.dead = np.zeros(w.shape[0], dtype=bool)  # compact positions removed, not yet compacted
+
+    @property
+    def w(self) -> np.ndarray:
+        """W over all rows, removed ones zero."""
+        full = np.zeros(self.shape)
+        full[self.idx] = self.wc
+        return full
 
     def rows(self, units) -> np.ndarray:
         b = self.block
@@ -157,29 +172,39 @@ class ObsConsumer:
         """Relative cost of removing each unit alone (vectorized over units)."""
         b = self.block
         if b == 1:
-            return np.sum(self.w[units] ** 2, axis=1) / np.diag(self.h)[units] / self.energy
-        idx = (units[:, None] * b + np.arange(b)[None, :])  # [n, b]
+            p = self.pos[units]
+            return np.sum(self.wc[p] ** 2, axis=1) / np.diag(self.h)[p] / self.energy
+        idx = self.pos[units[:, None] * b + np.arange(b)[None, :]]  # [n, b]
         hjj = self.h[idx[:, :, None], idx[:, None, :]]  # [n, b, b]
-        wj = self.w[idx]  # [n, b, N]
+        wj = self.wc[idx]  # [n, b, N]
         sol = np.linalg.solve(hjj, wj)
         return np.einsum("ubn,ubn->u", wj, sol) / self.energy
 
     def remove(self, units) -> float:
         """Remove the units jointly; return their relative cost and update W and H."""
-        s = self.rows(units)
+        s = self.pos[self.rows(units)]
         hss = self.h[np.ix_(s, s)]
-        ws = self.w[s]
+        ws = self.wc[s]
         inv = np.linalg.inv(hss)
         cost = _quad(ws, inv) / self.energy
         hs = self.h[:, s]
         hsi = hs @ inv
-        self.w -= hsi @ ws
+        self.wc -= hsi @ ws
         self.h -= hsi @ hs.T
         # Removed rows are now exactly zero in W; pin them so later steps never choose them again.
         self.h[s, :] = 0.0
         self.h[:, s] = 0.0
         self.h[s, s] = 1.0
-        self.w[s] = 0.0
+        self.wc[s] = 0.0
+        self.dead[s] = True
+        if self.dead.sum() > self.COMPACT * len(self.dead):
+            keep = ~self.dead
+            self.h = np.ascontiguousarray(self.h[np.ix_(keep, keep)])
+            self.wc = np.ascontiguousarray(self.wc[keep])
+            self.pos[self.idx[self.dead]] = -1
+            self.idx = self.idx[keep]
+            self.pos[self.idx] = np.arange(len(self.idx))
+            self.dead = np.zeros(len(self.idx), dtype=bool)
         return cost
 
 

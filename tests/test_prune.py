@@ -85,7 +85,7 @@ def fused_attention():
     return _model(nodes, [_f("x", [1, s, d])], [_f("y", [1, s, d])], inits, ms=True)
 
 
-def _groups(proto, feeds, shapes=False):
+def _groups(proto, feeds, shapes=False, types=False):
     model = ir.serde.deserialize_model(proto)
     graph = model.graph
     values = [v for n in graph for v in n.outputs]
@@ -98,6 +98,8 @@ def _groups(proto, feeds, shapes=False):
             graph.outputs.remove(v)
     found = {k: a.shape for k, a in got.items()}
     found.update({k: a.shape for k, a in feeds.items()})
+    if types:
+        return {k: a.dtype for k, a in [*got.items(), *feeds.items()]}
     if shapes:
         return model, found
     return model, G.find_groups(graph, lambda v: found.get(v.name) if v is not None else None)
@@ -164,17 +166,21 @@ def _more_kinds():
 @pytest.mark.parametrize("build,shape", [(cnn_residual, (1, 3, 8, 8)), (ffn, (1, 6, 16)), (fused_attention, (1, 6, 16))]
                          + _more_kinds(), ids=lambda x: getattr(x, "__name__", ""))
 def test_tuner_feeds_equal_physical_pruning(build, shape):
-    """What the pass measures in its one session (consumer rows of removed units zeroed and refitted
-    weights given as feeds, prefix sessions included) is what it writes: the physically pruned model
-    gives the same outputs, for every group kind."""
+    """What the pass measures in its sessions (consumer rows of removed units zeroed and refitted
+    weights given as feeds, through the chain of segments cut before the groups) is what it writes:
+    the physically pruned model gives the same outputs, for every group kind."""
     from onnxopt.passes.prune import structured as S
 
     proto = build()
     feeds = shape()[0] if callable(shape) else {"x": RNG.normal(size=shape).astype(np.float32)}
     model, groups = _groups(proto, feeds)
     ok = [g for g in groups if not g.reason and g.units >= 2]
-    tuner = S._Tuner(model, [c for g in ok for c in g.consumers], lambda m: _ort_session(m))
-    assert len(tuner.sessions) >= 1
+    position = {id(n): i for i, n in enumerate(model.graph)}
+    cuts = [min(position[id(c.node)] for c in g.consumers) for g in ok]
+    types = _groups(proto, feeds, types=True)
+    tuner = S._Tuner(model, [c for g in ok for c in g.consumers], lambda m: _ort_session(m), cuts, types)
+    whole = S._Tuner(model, [c for g in ok for c in g.consumers], lambda m: _ort_session(m), (), types)
+    assert len(tuner.chain.segments) >= 2 and len(whole.chain.segments) == 1
     orders = [list(range(0, g.units, 2)) for g in ok]
     fitted, over, j = {}, {}, 0
     for g, order in zip(ok, orders):
@@ -189,9 +195,9 @@ def test_tuner_feeds_equal_physical_pruning(build, shape):
             over.update(tuner.weights(j, full, b))
             fitted[j] = (w[kept], b, None)
             j += 1
-    for j, name in enumerate(tuner.acts):  # every prefix gives the dense activations of the full model
-        np.testing.assert_allclose(tuner.run(feeds, None, [name])[0], tuner.sessions[-1][1].run(
-            [name], {**feeds, **tuner.feeds})[0], rtol=1e-5, atol=1e-5)
+    for j, name in enumerate(tuner.acts):  # the chain of segments gives the activations of the whole model
+        np.testing.assert_allclose(tuner.run(feeds, over, [name])[0], whole.run(feeds, over, [name])[0],
+                                   rtol=1e-5, atol=1e-5)
     outs = [o.name for o in proto.graph.output]
     fed = dict(zip(outs, tuner.run(feeds, over, outs)))
     _, shapes = _groups(proto, feeds, shapes=True)

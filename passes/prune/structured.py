@@ -52,6 +52,7 @@ from onnxopt.kernels import pruning as K
 from onnxopt.kernels.metrics import cosine
 from onnxopt.passes.int8 import calibration_data
 from onnxopt.passes.prune import groups as G
+from onnxopt.passes.prune import segments as SEG
 from onnxopt.passes.prune import token_mask as TM
 from onnxopt.passes.base import OptPass
 from onnxopt.passes.int8.calibration_data import CalibrationError
@@ -68,8 +69,12 @@ def _role(k: int) -> str:
     r = k % HOLDOUT_EVERY
     return "held" if r == HOLDOUT_EVERY - 1 else "validation" if r == HOLDOUT_EVERY - 2 else "fit"
 
-# Validation samples kept in memory to measure each group's sensitivity on.
-FIT_SAMPLES = 8
+# Validation samples kept in memory to measure each group's sensitivity on: up to
+# VALIDATION_SAMPLES, fewer (not under VALIDATION_MIN) once they hold VALIDATION_ROWS real tokens
+# (BERT at sequence 128: 4 samples; each costs a model run per group and level).
+VALIDATION_SAMPLES = 8
+VALIDATION_MIN = 4
+VALIDATION_ROWS = 512
 HELDOUT_SAMPLES = 32
 # Smallest fraction of a group's units that is always kept.
 MIN_KEEP = 0.1
@@ -77,8 +82,6 @@ MIN_KEEP = 0.1
 # them last: the allocation may take a group down to its floor, so that end is measured, not guessed).
 PROBE_LEVELS = (0.25, 0.5, 0.75, 1.0)
 BACKOFF = (0.75, 0.5, 0.25)
-# Refits of consumers in the first quarter, half, three quarters of the model run only that prefix.
-PREFIXES = (0.25, 0.5, 0.75)
 # A refit's statistics stop once every consumer of the step has this many rows per feature (and
 # MIN_FIT_SAMPLES samples were read): enough for a well-posed fit, and a Conv's thousands of pixel
 # rows per sample need few samples.
@@ -213,31 +216,17 @@ def _layout(c: G.Consumer, m: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(m, dtype=np.float32)
 
 
-def _prefix(model: ir.Model, names: list[str]) -> ir.Model:
-    """A copy of the model computing only the values `names` (its outputs): onnxruntime runs every
-    node of a model whatever outputs are fetched, so refits early in the model use a prefix."""
-    clone = model.clone()
-    graph = clone.graph
-    by_name = {v.name: v for node in graph for v in node.outputs}
-    graph.outputs.clear()
-    graph.outputs.extend(by_name[n] for n in names)
-    for node in reversed(list(graph)):
-        remove_dead(graph, node)
-    for v in list(graph.inputs):
-        if not v.uses():
-            graph.inputs.remove(v)
-    return clone
-
-
 class _Tuner:
-    """One onnxruntime session of the dense model in which the weight and bias of every consumer
-    are graph inputs, returning every consumer's input.
+    """The dense model with the weight and bias of every consumer as graph inputs, returning every
+    consumer's input, as a chain of segment sessions cut before the groups (segments.py).
 
     Removing a unit is the same as zeroing its rows in every consumer (tests/test_prune.py proves
-    it for every group kind), so every candidate pruning and every refit is a feed of this one
-    session instead of a new model and session."""
+    it for every group kind), so every candidate pruning and every refit is a feed of these
+    sessions instead of a new model; and a variant that changes the consumers from some group on
+    runs from the cut before that group, from per-sample states kept there."""
 
-    def __init__(self, model: ir.Model, consumers: list[G.Consumer], make_session) -> None:
+    def __init__(self, model: ir.Model, consumers: list[G.Consumer], make_session, cuts=(),
+                 types: dict | None = None, nbytes=None) -> None:
         graph = model.graph
         self.consumers = consumers
         self.sites = [_bias_site(c) for c in consumers]
@@ -246,7 +235,15 @@ class _Tuner:
         self.names = []  # (weight input, bias input or None) per consumer
         self.feeds: dict[str, np.ndarray] = {}
         undo = []
-        for j, (c, site) in enumerate(zip(consumers, self.sites)):
+        try:
+            self._build(model, make_session, cuts, types, nbytes, undo)
+        finally:
+            for fn in reversed(undo):
+                fn()
+
+    def _build(self, model, make_session, cuts, types, nbytes, undo) -> None:
+        graph = model.graph
+        for j, (c, site) in enumerate(zip(self.consumers, self.sites)):
             w = constant_array(c.node.inputs[1])
             b = _bias(c, site) if c.kind == "matmul" else _bias(c, None)
             wname = f"onnxopt.prune.w{j}"
@@ -261,23 +258,11 @@ class _Tuner:
                 self._swap(graph, site[0], site[1], bname, b, undo)
             self.dense_b.append(None if b is None else np.asarray(b, np.float32))
             self.names.append((wname, bname))
-        self.acts = [c.node.inputs[0].name for c in consumers]
-        position = {id(n): i for i, n in enumerate(graph)}
-        by_position = sorted(range(len(consumers)), key=lambda j: position[id(consumers[j].node)])
-        self.sessions = []  # (output names it can give, session, its input names), smallest first
-        try:
-            for q in PREFIXES:
-                names = {self.acts[j] for j in by_position[: math.ceil(q * len(by_position))]}
-                if names and len(names) < len(self.acts):
-                    prefix = _prefix(model, sorted(names))
-                    self.sessions.append((names, session_of(prefix, make_session, []),
-                                          {v.name for v in prefix.graph.inputs}))
-            full = session_of(model, make_session, [c.node.inputs[0] for c in consumers])
-            self.sessions.append((set(self.acts) | {v.name for v in graph.outputs}, full,
-                                  {v.name for v in graph.inputs}))
-        finally:
-            for fn in reversed(undo):
-                fn()
+        self.acts = [c.node.inputs[0].name for c in self.consumers]
+        ranges = SEG.live_ranges(graph, exclude=set(self.feeds))
+        places = SEG.place_cuts(ranges, sorted(set(cuts)), nbytes or (lambda name: 0))
+        self.chain = SEG.Chain(model, places, self.acts, make_session, dict(types or {}),
+                               external=frozenset(self.feeds))
 
     def _swap(self, graph, node, index, name, array, undo) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
@@ -315,12 +300,13 @@ class _Tuner:
         return np.concatenate([w, self.dense_b[j][None].astype(np.float64)], 0) if self.has_bias(j) else w
 
     def run(self, feed: dict, overrides: dict | None = None, outputs: list[str] | None = None) -> list[np.ndarray]:
-        """The values `outputs` (default: every consumer's input) on one sample, computed by the
-        smallest prefix of the model that has them."""
-        outputs = outputs or self.acts
-        names, session, inputs = next(s for s in self.sessions if s[0].issuperset(outputs))
-        feeds = {**feed, **self.feeds, **(overrides or {})}
-        return session.run(outputs, {k: v for k, v in feeds.items() if k in inputs})
+        """The values `outputs` (default: every consumer's input) on one sample, from the model's
+        inputs, with the consumer weights `overrides` (default: the dense ones)."""
+        return self.chain.run(self.chain.start(feed), 0, self.with_(overrides), outputs or self.acts)
+
+    def with_(self, overrides: dict | None) -> dict:
+        """Every consumer's weight feed, `overrides` in place of the dense ones."""
+        return {**self.feeds, **overrides} if overrides else self.feeds
 
 
 def _measured_costs(costs: list[float], points: list[tuple[float, float]]) -> list[float]:
@@ -374,6 +360,14 @@ class PrunePass(OptPass):
         if fraction is None:
             return 0
         t0 = time.perf_counter()
+        phases: dict[str, float] = {}
+        last = [t0]
+
+        def clock(phase: str) -> None:  # seconds spent per phase, for the report
+            now = time.perf_counter()
+            phases[phase] = round(phases.get(phase, 0.0) + now - last[0], 2)
+            last[0] = now
+
         round_to = int(opts.get("prune_round") or 8)
         min_cos = opts.get("prune_min_cosine")
         # Data passes run onnxruntime with its optimizations on (fetched values stay exact enough).
@@ -401,6 +395,7 @@ class PrunePass(OptPass):
         out_names = [v.name for v in graph.outputs]
         shapes: dict[str, tuple] = {}
         val, held = [], []  # validation samples (sensitivity), held-out samples (fidelity)
+        val_rows = 0
         self._trim = False
         for k, role, feed in self._stream(model, "probe"):
             if k == 0:
@@ -408,19 +403,25 @@ class PrunePass(OptPass):
                 got = probe.run(names, feed)
                 shapes = {n: tuple(a.shape) for n, a in zip(names, got)}
                 shapes.update({n: tuple(np.shape(a)) for n, a in feed.items()})
+                types = {n: np.asarray(a).dtype for n, a in [*zip(names, got), *feed.items()]}
                 outs = got[: len(out_names)]
                 self._trim = self._trims(probe, out_names, feed, outs)
                 if self._trim:
                     feed = TM.trim(feed, self._mask)
                     outs = probe.run(out_names, feed)
-            elif (role == "held" and len(held) < HELDOUT_SAMPLES) or (role == "validation" and len(val) < FIT_SAMPLES):
+            elif (role == "held" and len(held) < HELDOUT_SAMPLES) or (role == "validation" and (
+                    len(val) < VALIDATION_MIN or (len(val) < VALIDATION_SAMPLES and val_rows < VALIDATION_ROWS))):
                 outs = probe.run(out_names, feed)
             else:
                 continue
             ref = _float_outputs(out_names, outs)
+            if role == "validation":
+                keep = TM.rows(feed, self._mask)
+                val_rows += int(keep.sum()) if keep is not None else 1
             if role != "fit":
                 (held if role == "held" else val).append((feed, ref))
         del probe
+        clock("probe")
         if not held or not val:
             raise CalibrationError(f"pruning needs at least {HOLDOUT_EVERY} calibration samples "
                                    f"(every {HOLDOUT_EVERY}th is held out to measure fidelity, the one before it to measure sensitivity)")
@@ -450,7 +451,14 @@ class PrunePass(OptPass):
         for g in ok:
             slots.append(list(range(j, j + len(g.consumers))))
             j += len(g.consumers)
-        tuner = _Tuner(model, consumers, make_session)
+        position = {id(n): i for i, n in enumerate(graph)}
+        first = [min(position[id(c.node)] for c in g.consumers) for g in ok]  # where a group's change starts
+
+        def nbytes(name):
+            return float(np.prod(shapes.get(name, (0,)))) * types[name].itemsize if name in types else 0.0
+
+        tuner = _Tuner(model, consumers, make_session, first, types, nbytes)
+        clock("sessions")
 
         # Statistics on the dense model: Gram of every consumer's input rows ([a, 1] with a bias), shard
         # by shard (_gram_shard) where the shard runner says (--workers, --ray), merged in shard order.
@@ -468,8 +476,11 @@ class PrunePass(OptPass):
         run_shards(opts, model, [c.node.inputs[0] for c in consumers], _gram_shard, source.shards(), job, take,
                    optimize=True)
 
-        # Order within groups (OBS), chunk costs, and each group's measured sensitivity curve.
-        chunks, costs, orders, curves = [], [], [], []
+        clock("statistics")
+
+        # Order within groups (OBS) and chunk costs; then each group's measured sensitivity curve, in
+        # graph order, each variant run from the dense state of the validation samples at its cut.
+        chunks, costs, orders, snapshots = [], [], [], []
         float_outs = [n for n in out_names if n in val[0][1]]
         for g, sl in zip(ok, slots):
             floor = max(1, math.ceil(MIN_KEEP * g.units))
@@ -478,20 +489,33 @@ class PrunePass(OptPass):
             obs = [K.ObsConsumer(tuner.augmented(jj), grams[jj].mean(), consumers[jj].block * g.unit,
                                  K.damping(grams[jj])) for jj in sl]
             order, cost, snaps = K.obs_order(obs, g.units, sizes, snapshots=levels)
-            points = []
-            for t in levels:
-                over = {}
-                for jj, w in zip(sl, snaps[t]):
-                    over.update(tuner.weights(jj, *_split_bias(w, tuner.has_bias(jj))))
-                errs = []
-                for feed, ref in val:
-                    got = dict(zip(float_outs, tuner.run(feed, over, float_outs)))
-                    errs.append(1.0 - _sample_cosine(ref, got, TM.rows(feed, self._mask)))
-                points.append((float(sum(cost[:t])), float(np.mean(errs))))
             chunks.append(sizes)
             costs.append(cost)
             orders.append(order)
-            curves.append(points)
+            snapshots.append(snaps)
+        clock("order")
+        seq = sorted(range(len(ok)), key=lambda i: first[i])
+        chain = tuner.chain
+        curves: list = [None] * len(ok)
+        states, at = [chain.start(feed) for feed, _ in val], 0
+        for gi in seq:
+            ci = chain.index(first[gi])
+            states = [chain.advance(st, at, ci, tuner.feeds) for st in states]
+            at = ci
+            points = []
+            for t, snap in sorted(snapshots[gi].items()):
+                over = {}
+                for jj, w in zip(slots[gi], snap):
+                    over.update(tuner.weights(jj, *_split_bias(w, tuner.has_bias(jj))))
+                feeds = tuner.with_(over)
+                errs = []
+                for (feed, ref), st in zip(val, states):
+                    got = dict(zip(float_outs, chain.run(st, ci, feeds, float_outs)))
+                    errs.append(1.0 - _sample_cosine(ref, got, TM.rows(feed, self._mask)))
+                points.append((float(sum(costs[gi][:t])), float(np.mean(errs))))
+            curves[gi] = points
+        del states
+        clock("sensitivity")
         scaled = [_measured_costs(cs, pts) for cs, pts in zip(costs, curves)]
 
         # MACs as a function of the units removed per group.
@@ -507,17 +531,17 @@ class PrunePass(OptPass):
             return sum(m * (1.0 - float(np.prod([kept[i] for i in idx]))) for m, idx in layers.values())
 
         self.details.update({"prunable_macs": prunable, "groups_considered": len(ok)})
-        position = {id(n): i for i, n in enumerate(graph)}
-        seq = sorted(range(len(ok)), key=lambda i: min(position[id(c.node)] for c in ok[i].consumers))
         attempts = []
         for scale in (1.0, *BACKOFF) if min_cos is not None else (1.0,):
             budget = fraction * scale
             taken = K.allocate(chunks, scaled, saving, budget * prunable)
             removed = [sum(s[:t]) for s, t in zip(chunks, taken)]
-            fitted = self._refit(model, tuner, ok, slots, seq, orders, removed, grams)
+            fitted = self._refit(model, tuner, ok, slots, seq, first, orders, removed, grams)
+            clock("reconstruction")
             trial = model.clone()
             self._apply(trial, ok, orders, removed, fitted, shape_of)
             cos = _cosines(_session(trial, make_session, []), held, self._mask)
+            clock("fidelity")
             reached = saving(removed) / prunable
             attempts.append({"budget": budget, "macs_removed": reached, "held_out_min_cosine": min(cos),
                              "held_out_mean_cosine": float(np.mean(cos))})
@@ -555,6 +579,7 @@ class PrunePass(OptPass):
                          "held_out_mean_cosine": attempts[-1]["held_out_mean_cosine"],
                          "held_out_samples": len(held)},
             "time_s": round(time.perf_counter() - t0, 2),
+            "time_phases_s": phases,
         })
         return sum(1 for r in removed if r)
 
@@ -578,19 +603,37 @@ class PrunePass(OptPass):
         self.details["padding_trimmed"] = True
         return True
 
-    def _refit(self, model, tuner: _Tuner, groups, slots, seq, orders, removed, grams) -> dict:
+    def _refit(self, model, tuner: _Tuner, groups, slots, seq, first, orders, removed, grams) -> dict:
         """Sequential ridge refit, in graph order, of every consumer from the first pruned group on:
         inputs from the model with the earlier groups pruned (zeroed rows) and refitted, targets
-        from the dense model. Returns {consumer index: (W [kept rows, N], b or None, ridge)}."""
+        from the dense model. Returns {consumer index: (W [kept rows, N], b or None, ridge)}.
+
+        Fit samples are read in order, once: each one's dense and pruned states at the current
+        group's cut are kept (a group reads as many samples as it needs, the first ones from these
+        states) and advanced group by group, so each step re-runs only the segments it changed."""
+        chain = tuner.chain
         current: dict[str, np.ndarray] = {}
         fitted = {}
         chosen: list[float] = []  # ridge strengths chosen by cross-validation so far
+        # Per fit sample read: [padding rows kept, dense state, segment it is before, pruned state].
+        cache: list[list] = []
+        at = 0  # the segment the cached pruned states are before
+        stream = (feed for _, role, feed in self._stream(model, "reconstruction") if role == "fit")
+        cuts = [chain.index(first[gi]) for gi in seq]
         started = False
-        for gi in seq:
+        for step, gi in enumerate(seq):
             g, r, sl = groups[gi], removed[gi], slots[gi]
             if not r and not started:
                 continue
             started = True
+            ci = cuts[step]
+            after = cuts[step + 1] if step + 1 < len(seq) else ci  # where the next group starts
+            pruned_feeds = tuner.with_(current)
+            for entry in cache:
+                entry[1] = chain.advance(entry[1], entry[2], ci, tuner.feeds)
+                entry[2] = max(entry[2], ci)
+                entry[3] = chain.advance(entry[3], at, ci, pruned_feeds)
+            at = ci
             drop = G.unit_channels(g, orders[gi][:r])
             kept_rows, gone = {}, {}
             for jj in sl:
@@ -603,23 +646,35 @@ class PrunePass(OptPass):
                 w0 = tuner.dense_w[jj].copy()
                 w0[gone[jj]] = 0.0
                 current.update(tuner.weights(jj, w0, tuner.dense_b[jj]))
+            pruned_feeds = tuner.with_(current)
             halves = {jj: [None, None] for jj in sl}
             names = [tuner.acts[jj] for jj in sl]
             n = 0
-            for k, role, feed in self._stream(model, f"reconstruction {g.describe()}"):
-                if n >= MIN_FIT_SAMPLES and all(
-                        h[0] is not None and h[1] is not None and min(h[0].rows, h[1].rows) >= ROWS_PER_FEATURE
-                        * h[0].features / 2 for h in halves.values()):
-                    break
-                if role != "fit":
-                    continue
-                keep = TM.rows(feed, self._mask)
-                pruned = tuner.run(feed, current, names)
-                dense = tuner.run(feed, None, names)
-                for jj, a_p, a_d in zip(sl, pruned, dense):
-                    c = tuner.consumers[jj]
-                    rows_p = _rows(c, a_p, keep)[:, kept_rows[jj]]
-                    rows_d = _rows(c, a_d, keep)
+            while not (n >= MIN_FIT_SAMPLES and all(
+                    h[0] is not None and h[1] is not None and min(h[0].rows, h[1].rows) >= ROWS_PER_FEATURE
+                    * h[0].features / 2 for h in halves.values())):
+                if n == len(cache):
+                    feed = next(stream, None)
+                    if feed is None:
+                        break
+                    start = chain.start(feed)
+                    cache.append([TM.rows(feed, self._mask), chain.advance(start, 0, ci, tuner.feeds), ci,
+                                  chain.advance(start, 0, ci, pruned_feeds)])
+                entry = cache[n]
+                keep = entry[0]
+                pruned = dict(zip(names, chain.run(entry[3], ci, pruned_feeds, names)))
+                # The dense run that gives this group's inputs also takes the state on to the next cut.
+                seen = dict.fromkeys(names)
+                moved = chain.advance(entry[1], ci, after, tuner.feeds, seen) if after > ci else entry[1]
+                if after > ci and all(v is not None for v in seen.values()):
+                    entry[1], entry[2] = moved, after
+                    dense = seen
+                else:
+                    dense = dict(zip(names, chain.run(entry[1], ci, tuner.feeds, names)))
+                for jj in sl:
+                    c, act = tuner.consumers[jj], tuner.acts[jj]
+                    rows_p = _rows(c, pruned[act], keep)[:, kept_rows[jj]]
+                    rows_d = _rows(c, dense[act], keep)
                     half = halves[jj]
                     if half[n % 2] is None:
                         half[n % 2] = K.Gram(rows_p.shape[1], rows_d.shape[1], bias=tuner.has_bias(jj))
