@@ -18,7 +18,7 @@ solved in float64 (kernels/pruning.py). Rows of padding tokens (attention mask 0
 Which units: within a group, removed greedily at their Optimal Brain Surgeon cost on the dense
 inputs (the consumer output error after the best refit, relative to the consumer's output energy),
 in chunks that keep the channel count a multiple of `prune_round` (default 8). Across groups: the
-model's output error (1 - cosine, on validation samples the statistics never saw) is measured with
+model's output error (1 - cosine, on 4 to 8 validation samples the statistics never saw) is measured with
 each group alone pruned to a quarter, half, three quarters and all of what it may lose
 (OBS-refitted), and each group's
 chunk costs are rescaled to that measured curve; chunks are then taken by the least measured cost
@@ -26,9 +26,12 @@ per MAC saved until `prune` (a fraction) of the prunable MACs is removed, keepin
 `MIN_KEEP` of every group. MACs are counted per layer at the calibration shapes, attention's
 score and context products included.
 
-All of this runs in one onnxruntime session of the dense model whose consumer weights are graph
+All of this runs in onnxruntime sessions of the dense model whose consumer weights are graph
 inputs: removing a unit is the same as zeroing its rows in every consumer (tested for every group
-kind), so each candidate and each refit is a different feed, not a different model.
+kind), so each candidate and each refit is a different feed, not a different model. The model is
+cut into segments before the groups (segments.py), and a variant that changes consumers from some
+group on runs from the state of each sample at that group's cut (the sensitivity from the dense
+state, the sequential refit from the pruned one), not from the inputs.
 
 Fidelity: every fifth calibration sample is held out of all statistics and choices (the one before
 it validates the sensitivity measurements); the report gives the
