@@ -618,8 +618,7 @@ class PrunePass(OptPass):
         current: dict[str, np.ndarray] = {}
         fitted = {}
         chosen: list[float] = []  # ridge strengths chosen by cross-validation so far
-        # Per fit sample read: [padding rows kept, dense state, segment it is before, pruned state].
-        cache: list[list] = []
+        cache: list[_FitState] = []  # per fit sample read, in order
         at = 0  # the segment the cached pruned states are before
         stream = (feed for _, role, feed in self._stream(model, "reconstruction") if role == "fit")
         cuts = [chain.index(first[gi]) for gi in seq]
@@ -631,12 +630,6 @@ class PrunePass(OptPass):
             started = True
             ci = cuts[step]
             after = cuts[step + 1] if step + 1 < len(seq) else ci  # where the next group starts
-            pruned_feeds = tuner.with_(current)
-            for entry in cache:
-                entry[1] = chain.advance(entry[1], entry[2], ci, tuner.feeds)
-                entry[2] = max(entry[2], ci)
-                entry[3] = chain.advance(entry[3], at, ci, pruned_feeds)
-            at = ci
             drop = G.unit_channels(g, orders[gi][:r])
             kept_rows, gone = {}, {}
             for jj in sl:
@@ -649,7 +642,13 @@ class PrunePass(OptPass):
                 w0 = tuner.dense_w[jj].copy()
                 w0[gone[jj]] = 0.0
                 current.update(tuner.weights(jj, w0, tuner.dense_b[jj]))
+            # This group's consumers lie after its cut: the zeroed rows do not change the states there.
             pruned_feeds = tuner.with_(current)
+            for st in cache:
+                if st.dense_at < ci:
+                    st.dense, st.dense_at = chain.advance(st.dense, st.dense_at, ci, tuner.feeds), ci
+                st.pruned = chain.advance(st.pruned, at, ci, pruned_feeds)
+            at = ci
             halves = {jj: [None, None] for jj in sl}
             names = [tuner.acts[jj] for jj in sl]
             n = 0
@@ -661,19 +660,19 @@ class PrunePass(OptPass):
                     if feed is None:
                         break
                     start = chain.start(feed)
-                    cache.append([TM.rows(feed, self._mask), chain.advance(start, 0, ci, tuner.feeds), ci,
-                                  chain.advance(start, 0, ci, pruned_feeds)])
-                entry = cache[n]
-                keep = entry[0]
-                pruned = dict(zip(names, chain.run(entry[3], ci, pruned_feeds, names)))
+                    cache.append(_FitState(TM.rows(feed, self._mask), chain.advance(start, 0, ci, tuner.feeds), ci,
+                                           chain.advance(start, 0, ci, pruned_feeds)))
+                st = cache[n]
+                keep = st.keep
+                pruned = dict(zip(names, chain.run(st.pruned, ci, pruned_feeds, names)))
                 # The dense run that gives this group's inputs also takes the state on to the next cut.
                 seen = dict.fromkeys(names)
-                moved = chain.advance(entry[1], ci, after, tuner.feeds, seen) if after > ci else entry[1]
-                if after > ci and all(v is not None for v in seen.values()):
-                    entry[1], entry[2] = moved, after
+                moved = chain.advance(st.dense, ci, after, tuner.feeds, seen) if after > ci else None
+                if moved is not None and all(v is not None for v in seen.values()):
+                    st.dense, st.dense_at = moved, after
                     dense = seen
                 else:
-                    dense = dict(zip(names, chain.run(entry[1], ci, tuner.feeds, names)))
+                    dense = dict(zip(names, chain.run(st.dense, ci, tuner.feeds, names)))
                 for jj in sl:
                     c, act = tuner.consumers[jj], tuner.acts[jj]
                     rows_p = _rows(c, pruned[act], keep)[:, kept_rows[jj]]
@@ -733,6 +732,17 @@ class PrunePass(OptPass):
                     G.set_const(graph, c.node, 2, b_new, "refit")
                 else:
                     G.set_const(graph, site[0], site[1], b_new, "refit")
+
+
+@dataclasses.dataclass
+class _FitState:
+    """A fit sample in the sequential refit: its padding rows kept, and its states (segments.py) in
+    the dense model (before segment `dense_at`) and in the pruned one (before the current cut)."""
+
+    keep: np.ndarray | None
+    dense: dict
+    dense_at: int
+    pruned: dict
 
 
 def _split_bias(w: np.ndarray, has_bias: bool):
