@@ -301,13 +301,14 @@ def compensated(w: np.ndarray, g: np.ndarray, rows: np.ndarray, damp: float = DA
 RIDGE_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
-def _target(gram: Gram, w_dense: np.ndarray, b_dense: np.ndarray | None) -> np.ndarray:
-    """Sum over rows of [a, 1] (W_dense^T a_dense + b)^T."""
-    target = gram.az @ w_dense.astype(np.float64)
-    if gram.bias:
-        b = np.zeros(w_dense.shape[1]) if b_dense is None else b_dense.astype(np.float64)
+def _target(gram: Gram, b_dense: np.ndarray | None) -> np.ndarray:
+    """Sum over rows of [a, 1] (y_dense + b)^T, from the Gram's sum of [a, 1] y_dense^T (the dense
+    outputs without their bias: N columns where the dense inputs would take K, fewer for the wide
+    inputs of an FFN's second MatMul or a Conv's patches)."""
+    target = np.array(gram.az, dtype=np.float64)
+    if gram.bias and b_dense is not None:
         # The ones column sums to the row count: A^T (1 b^T) is the column of sums times b.
-        target = target + gram.aa[:, -1:] * b[None, :]
+        target += gram.aa[:, -1:] * b_dense.astype(np.float64)[None, :]
     return target
 
 
@@ -336,21 +337,21 @@ def _scale_fit(aa: np.ndarray, bias: bool, target: np.ndarray, prior: np.ndarray
     return np.concatenate([out, x[k:][None]], 0) if bias else out
 
 
-def ridge_refit(halves: list[Gram], w_dense: np.ndarray, b_dense: np.ndarray | None, w_init: np.ndarray,
+def ridge_refit(halves: list[Gram], b_dense: np.ndarray | None, w_init: np.ndarray,
                 b_init: np.ndarray | None, grid=RIDGE_GRID, scales: bool = True) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Least squares of y_dense = W_dense^T a_dense + b on the pruned inputs a, ridge toward
-    (w_init, b_init): solves (A^T A + lam I) [W; b] = A^T y + lam [W0; b0] in float64.
+    """Least squares of y_dense + b (the dense consumer's outputs) on the pruned inputs a, ridge
+    toward (w_init, b_init): solves (A^T A + lam I) [W; b] = A^T (y + b) + lam [W0; b0] in float64.
 
     `halves` are two Grams over disjoint halves of the calibration samples (sums of [a, 1] [a, 1]^T
-    and of [a, 1] a_dense^T). lam is chosen from `grid` (times the mean diagonal of a half's Gram)
-    by two-fold cross-validation, beside the prior with per-row scales refitted (`_scale_fit`,
+    and of [a, 1] y_dense^T, y_dense = W_dense^T a_dense without the bias). lam is chosen from
+    `grid` (times the mean diagonal of a half's Gram) by two-fold cross-validation, beside the prior with per-row scales refitted (`_scale_fit`,
     when `scales`); the winner is then solved on both halves.
     Returns (W, b or None, the relative ridge strength chosen or "scale")."""
     bias = halves[0].bias
     init = w_init.astype(np.float64)
     if bias:
         init = np.concatenate([init, (np.zeros(init.shape[1]) if b_init is None else b_init.astype(np.float64))[None]], 0)
-    targets = [_target(h, w_dense, b_dense) for h in halves]
+    targets = [_target(h, b_dense) for h in halves]
     scale = max(float(np.mean([np.mean(np.diag(h.aa)) for h in halves])), 1e-12)
     eye = np.eye(init.shape[0])
     # Candidates: the ridge at each strength, and the prior with refitted row scales and bias.

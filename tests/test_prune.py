@@ -353,10 +353,10 @@ def test_obs_cost_matches_brute_force_refit():
 def test_ridge_refit_recovers_exact_solution_with_bias():
     a = RNG.normal(size=(400, 5))
     w, b = RNG.normal(size=(5, 2)), RNG.normal(size=2)
-    halves = [K.Gram(5, 5, bias=True), K.Gram(5, 5, bias=True)]
+    halves = [K.Gram(5, 2, bias=True), K.Gram(5, 2, bias=True)]
     for i, chunk in enumerate(np.array_split(a, 7)):  # streamed
-        halves[i % 2].update(chunk, chunk)
-    w2, b2, d = K.ridge_refit(halves, w, b, np.zeros_like(w), np.zeros_like(b), grid=(1e-9,))
+        halves[i % 2].update(chunk, chunk @ w)
+    w2, b2, d = K.ridge_refit(halves, b, np.zeros_like(w), np.zeros_like(b), grid=(1e-9,))
     np.testing.assert_allclose(w2, w, atol=1e-4)
     np.testing.assert_allclose(b2, b, atol=1e-4)
 
@@ -365,16 +365,16 @@ def test_ridge_strength_chosen_by_cross_validation():
     """With exact targets the weakest ridge wins; with few rows and noisy targets a stronger one does."""
     a = RNG.normal(size=(400, 5))
     w = RNG.normal(size=(5, 2))
-    halves = [K.Gram(5, 5), K.Gram(5, 5)]
+    halves = [K.Gram(5, 2), K.Gram(5, 2)]
     for i, chunk in enumerate(np.array_split(a, 8)):
-        halves[i % 2].update(chunk, chunk)
-    assert K.ridge_refit(halves, w, None, np.zeros_like(w), None)[2] == min(K.RIDGE_GRID)
+        halves[i % 2].update(chunk, chunk @ w)
+    assert K.ridge_refit(halves, None, np.zeros_like(w), None)[2] == min(K.RIDGE_GRID)
     few = RNG.normal(size=(12, 40))
-    noisy = [K.Gram(40, 40), K.Gram(40, 40)]
-    for i in range(12):
-        noisy[i % 2].update(few[i : i + 1], few[i : i + 1] + RNG.normal(size=(1, 40)) * 3.0)
     prior = RNG.normal(size=(40, 3))
-    assert K.ridge_refit(noisy, prior, None, prior, None)[2] > min(K.RIDGE_GRID)
+    noisy = [K.Gram(40, 3), K.Gram(40, 3)]
+    for i in range(12):
+        noisy[i % 2].update(few[i : i + 1], (few[i : i + 1] + RNG.normal(size=(1, 40)) * 3.0) @ prior)
+    assert K.ridge_refit(noisy, None, prior, None)[2] > min(K.RIDGE_GRID)
 
 
 def test_scale_fit_recovers_row_scales_and_bias():

@@ -676,11 +676,13 @@ class PrunePass(OptPass):
                 for jj in sl:
                     c, act = tuner.consumers[jj], tuner.acts[jj]
                     rows_p = _rows(c, pruned[act], keep)[:, kept_rows[jj]]
-                    rows_d = _rows(c, dense[act], keep)
+                    # The targets: the dense consumer's outputs (without its bias), N wide where
+                    # its dense inputs would be K wide (3072 against 768 for BERT-base's FFN).
+                    y = _rows(c, dense[act], keep) @ tuner.dense_w[jj]
                     half = halves[jj]
                     if half[n % 2] is None:
-                        half[n % 2] = K.Gram(rows_p.shape[1], rows_d.shape[1], bias=tuner.has_bias(jj))
-                    half[n % 2].update(rows_p, rows_d)
+                        half[n % 2] = K.Gram(rows_p.shape[1], y.shape[1], bias=tuner.has_bias(jj))
+                    half[n % 2].update(rows_p, y)
                 n += 1
             for jj in sl:
                 has_b = tuner.has_bias(jj)
@@ -695,7 +697,7 @@ class PrunePass(OptPass):
                     grid, scales = K.RIDGE_GRID, True
                 else:
                     grid, scales = (max(set(chosen), key=chosen.count),), False
-                w_new, b_new, d = K.ridge_refit(half, tuner.dense_w[jj], tuner.dense_b[jj], pw[kept_rows[jj]], pb,
+                w_new, b_new, d = K.ridge_refit(half, tuner.dense_b[jj], pw[kept_rows[jj]], pb,
                                                 grid=grid, scales=scales)
                 if len(grid) > 1 and d != "scale":
                     chosen.append(d)
