@@ -341,9 +341,14 @@ def test_obs_cost_matches_brute_force_refit():
     w = RNG.normal(size=(6, 3))
     g = a.T @ a / len(a)
     c = K.ObsConsumer(w, g, block=1)
+    np.testing.assert_allclose(c.h0, np.linalg.inv(K._damped(g)), rtol=1e-5)  # kept for the refit's prior
     c.h = np.linalg.inv(g)  # undamped, to compare with exact least squares
     cost = c.remove([2])
     np.testing.assert_allclose(c.w, K.compensated(w, g, np.array([2]), damp=0.0), atol=1e-8)
+    # The refit's prior from the kept inverse is the same one-step OBS solution.
+    rows = np.array([1, 4])
+    np.testing.assert_allclose(K.compensated_from_inverse(w, np.linalg.inv(g), rows),
+                               K.compensated(w, g, rows, damp=0.0), atol=1e-8)
     keep = [0, 1, 3, 4, 5]
     fit, *_ = np.linalg.lstsq(a[:, keep], a @ w, rcond=None)
     brute = np.sum((a[:, keep] @ fit - a @ w) ** 2) / len(a) / K.output_energy(w, g)

@@ -484,6 +484,7 @@ class PrunePass(OptPass):
         # Order within groups (OBS) and chunk costs; then each group's measured sensitivity curve, in
         # graph order, each variant run from the dense state of the validation samples at its cut.
         chunks, costs, orders, snapshots = [], [], [], []
+        inverses: list = [None] * len(consumers)  # (G + lam I)^-1 of each consumer, for the refit's prior
         float_outs = [n for n in out_names if n in val[0][1]]
         for g, sl in zip(ok, slots):
             floor = max(1, math.ceil(MIN_KEEP * g.units))
@@ -492,6 +493,8 @@ class PrunePass(OptPass):
             obs = [K.ObsConsumer(tuner.augmented(jj), grams[jj].mean(), consumers[jj].block * g.unit,
                                  K.damping(grams[jj])) for jj in sl]
             order, cost, snaps = K.obs_order(obs, g.units, sizes, snapshots=levels)
+            for jj, o in zip(sl, obs):
+                inverses[jj], grams[jj] = o.h0, None  # the float32 inverse is all the refit needs
             chunks.append(sizes)
             costs.append(cost)
             orders.append(order)
@@ -539,7 +542,7 @@ class PrunePass(OptPass):
             budget = fraction * scale
             taken = K.allocate(chunks, scaled, saving, budget * prunable)
             removed = [sum(s[:t]) for s, t in zip(chunks, taken)]
-            fitted = self._refit(model, tuner, ok, slots, seq, first, orders, removed, grams)
+            fitted = self._refit(model, tuner, ok, slots, seq, first, orders, removed, inverses)
             clock("reconstruction")
             trial = model.clone()
             self._apply(trial, ok, orders, removed, fitted, shape_of)
@@ -606,7 +609,7 @@ class PrunePass(OptPass):
         self.details["padding_trimmed"] = True
         return True
 
-    def _refit(self, model, tuner: _Tuner, groups, slots, seq, first, orders, removed, grams) -> dict:
+    def _refit(self, model, tuner: _Tuner, groups, slots, seq, first, orders, removed, inverses) -> dict:
         """Sequential ridge refit, in graph order, of every consumer from the first pruned group on:
         inputs from the model with the earlier groups pruned (zeroed rows) and refitted, targets
         from the dense model. Returns {consumer index: (W [kept rows, N], b or None, ridge)}.
@@ -686,7 +689,7 @@ class PrunePass(OptPass):
                 n += 1
             for jj in sl:
                 has_b = tuner.has_bias(jj)
-                prior = K.compensated(tuner.augmented(jj), grams[jj].mean(), gone[jj], K.damping(grams[jj]))
+                prior = K.compensated_from_inverse(tuner.augmented(jj), inverses[jj], gone[jj])
                 pw, pb = _split_bias(prior, has_b)
                 half = halves[jj]
                 if half[1] is None:  # a single fit sample: no cross-validation
