@@ -64,9 +64,12 @@ def boundary(ranges: dict[str, tuple[int, int]], position: int) -> list[str]:
     return sorted(n for n, (b, e) in ranges.items() if b < position <= e)
 
 
-def place_cuts(ranges: dict[str, tuple[int, int]], positions: list[int], nbytes) -> list[int]:
-    """One cut per requested position p (sorted, distinct): the position in (previous p, p] whose
-    boundary has the fewest bytes, the latest of equals."""
+def place_cuts(ranges: dict[str, tuple[int, int]], positions: list[int], nbytes, slack: float = 1.0,
+               cap: float = float("inf")) -> list[int]:
+    """One cut per requested position p (sorted, distinct): the latest position in (previous p, p]
+    whose boundary has the fewest bytes, or at most `slack` times as many and at most `cap` bytes
+    (a later cut holds a wider state, but a re-run that starts there is shorter, and a cut right
+    before p has p's inputs in the state itself)."""
     n = max([e for _, e in ranges.values()] + list(positions) + [0]) + 2
     size = np.zeros(n + 1)
     for name, (b, e) in ranges.items():  # live over positions b+1 .. e
@@ -76,7 +79,9 @@ def place_cuts(ranges: dict[str, tuple[int, int]], positions: list[int], nbytes)
     cuts, prev = [], -1
     for p in sorted(set(positions)):
         window = np.arange(max(prev + 1, 0), p + 1)
-        best = window[::-1][int(np.argmin(size[window][::-1]))]
+        least = float(size[window].min())
+        ok = size[window] <= max(least, min(slack * least, cap))
+        best = int(window[ok][-1])
         if best > 0 and (not cuts or best > cuts[-1]):
             cuts.append(int(best))
         prev = p

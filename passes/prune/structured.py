@@ -91,6 +91,12 @@ BACKOFF = (0.75, 0.5, 0.25)
 ROWS_PER_FEATURE = 2
 MIN_FIT_SAMPLES = 16
 CV_MAX_FEATURES = 1600
+# A group's cut goes right before its first consumer when the state there is at most CUT_SLACK times
+# the narrowest one before it and at most CUT_CAP_BYTES per sample (at the probe shapes): the refit then
+# reads the consumers' inputs from the state instead of re-running the segment, and every run from the
+# cut is shorter (BERT-base: the FFN's 3072-wide input beside the residual stream, 5x, 2 MB).
+CUT_SLACK = 8.0
+CUT_CAP_BYTES = 4 * 2**20
 
 
 def _float_outputs(names, values):
@@ -263,7 +269,7 @@ class _Tuner:
             self.names.append((wname, bname))
         self.acts = [c.node.inputs[0].name for c in self.consumers]
         ranges = SEG.live_ranges(graph, exclude=set(self.feeds))
-        places = SEG.place_cuts(ranges, sorted(set(cuts)), nbytes or (lambda name: 0))
+        places = SEG.place_cuts(ranges, sorted(set(cuts)), nbytes or (lambda name: 0), CUT_SLACK, CUT_CAP_BYTES)
         self.chain = SEG.Chain(model, places, self.acts, make_session, dict(types or {}),
                                external=frozenset(self.feeds))
 
