@@ -359,8 +359,9 @@ def ridge_refit(halves: list[Gram], b_dense: np.ndarray | None, w_init: np.ndarr
 
     `halves` are two Grams over disjoint halves of the calibration samples (sums of [a, 1] [a, 1]^T
     and of [a, 1] y_dense^T, y_dense = W_dense^T a_dense without the bias). lam is chosen from
-    `grid` (times the mean diagonal of a half's Gram) by two-fold cross-validation, beside the prior with per-row scales refitted (`_scale_fit`,
-    when `scales`); the winner is then solved on both halves.
+    `grid` (times the mean diagonal of a half's Gram) by two-fold cross-validation, beside the
+    prior with per-row scales refitted (`_scale_fit`, when `scales`); the winner is then solved on
+    both halves.
     Returns (W, b or None, the relative ridge strength chosen or "scale")."""
     bias = halves[0].bias
     init = w_init.astype(np.float64)
