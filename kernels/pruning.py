@@ -158,7 +158,7 @@ class ObsConsumer:
         self.wc = np.array(w, dtype=self.DTYPE)
         self.energy = output_energy(w, g)
         self.h = np.linalg.inv(_damped(g, damp)).astype(self.DTYPE)
-        self.h0 = self.h.copy()  # before any removal: the refit's prior (compensated_from_inverse) reuses it
+        self.h0 = self.h.copy()  # before any removal: the refit's prior (compensated) reuses it
         self.idx = np.arange(w.shape[0])  # original row of each compact position
         self.pos = np.arange(w.shape[0])  # compact position of each original row (-1: removed)
         self.dead = np.zeros(w.shape[0], dtype=bool)  # compact positions removed, not yet compacted
@@ -282,26 +282,12 @@ def allocate(chunks: list[list[int]], costs: list[list[float]], saving, budget: 
     return taken
 
 
-def compensated(w: np.ndarray, g: np.ndarray, rows: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """W with `rows` removed and the others refitted optimally on the dense inputs (one OBS step):
-    W_K' = W_K + (G + lam I)_KK^-1 (G + lam I)_KS W_S, W_S' = 0. With a bias row last in W and the
-    ones column last in G (never in `rows`), the bias absorbs the mean of what was removed."""
-    gd = _damped(np.asarray(g, dtype=np.float64), damp)
-    removed = np.zeros(g.shape[0], dtype=bool)
-    removed[rows] = True
-    k = ~removed
-    out = np.array(w, dtype=np.float64)
-    if removed.any():
-        out[k] += np.linalg.solve(gd[np.ix_(k, k)], gd[np.ix_(k, removed)] @ out[removed])
-        out[removed] = 0.0
-    return out
-
-
-def compensated_from_inverse(w: np.ndarray, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`compensated` from H = (G + lam I)^-1 instead of G: W_K' = W_K - H_KS H_SS^-1 W_S, W_S' = 0
-    (the same solution, by the Schur complement). With H at hand from the greedy order, this is an
-    |S| x |S| solve where `compensated` factors the |K| x |K| kept block (2564 wide for a
-    BERT-base FFN pruned to 5/6)."""
+def compensated(w: np.ndarray, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """W with `rows` removed and the others refitted optimally on the dense inputs (one OBS step),
+    from H = (G + lam I)^-1 (the inverse the greedy order holds, ObsConsumer.h0):
+    W_K' = W_K - H_KS H_SS^-1 W_S, W_S' = 0, which is W_K + (G + lam I)_KK^-1 (G + lam I)_KS W_S by
+    the Schur complement, for an |S| x |S| solve instead of the |K| x |K| one. With a bias row last
+    in W and the ones column last in G (never in `rows`), the bias absorbs the mean of what was removed."""
     out = np.array(w, dtype=np.float64)
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows):

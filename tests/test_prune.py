@@ -344,13 +344,17 @@ def test_obs_cost_matches_brute_force_refit():
     np.testing.assert_allclose(c.h0, np.linalg.inv(K._damped(g)), rtol=1e-5)  # kept for the refit's prior
     c.h = np.linalg.inv(g)  # undamped, to compare with exact least squares
     cost = c.remove([2])
-    np.testing.assert_allclose(c.w, K.compensated(w, g, np.array([2]), damp=0.0), atol=1e-8)
-    # The refit's prior from the kept inverse is the same one-step OBS solution.
-    rows = np.array([1, 4])
-    np.testing.assert_allclose(K.compensated_from_inverse(w, np.linalg.inv(g), rows),
-                               K.compensated(w, g, rows, damp=0.0), atol=1e-8)
     keep = [0, 1, 3, 4, 5]
     fit, *_ = np.linalg.lstsq(a[:, keep], a @ w, rcond=None)
+    np.testing.assert_allclose(c.w[keep], fit, atol=1e-8)
+    np.testing.assert_allclose(c.w[2], 0.0)
+    # The refit's prior (one OBS step from the inverse) is the exact least squares over the kept rows.
+    for rows in ([2], [1, 4]):
+        kept = [r for r in range(6) if r not in rows]
+        want, *_ = np.linalg.lstsq(a[:, kept], a @ w, rcond=None)
+        got = K.compensated(w, np.linalg.inv(g), np.array(rows))
+        np.testing.assert_allclose(got[kept], want, atol=1e-8)
+        np.testing.assert_allclose(got[rows], 0.0)
     brute = np.sum((a[:, keep] @ fit - a @ w) ** 2) / len(a) / K.output_energy(w, g)
     assert cost == pytest.approx(brute, rel=1e-6)
 

@@ -695,7 +695,7 @@ class PrunePass(OptPass):
                 n += 1
             for jj in sl:
                 has_b = tuner.has_bias(jj)
-                prior = K.compensated_from_inverse(tuner.augmented(jj), inverses[jj], gone[jj])
+                prior = K.compensated(tuner.augmented(jj), inverses[jj], gone[jj])
                 pw, pb = _split_bias(prior, has_b)
                 half = halves[jj]
                 if half[1] is None:  # a single fit sample: no cross-validation
