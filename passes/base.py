@@ -62,6 +62,20 @@ class OptPass(ir.passes.InPlacePass):
         self.add_declined(Declined(rule=rule or self.pass_name, node=(node.name or "") if node is not None else "",
                                    op=node.op_type if node is not None else "", reason=reason))
 
+    def rewrite_each(self, nodes, match, rewrite) -> int:
+        """For each node: `found = match(node)`, then `rewrite(node, found)`; a node whose match raises
+        Decline is declined with that reason instead. Returns the number rewritten."""
+        fired = 0
+        for node in list(nodes):
+            try:
+                found = match(node)
+            except Decline as exc:
+                self.decline(None, node, str(exc))
+                continue
+            rewrite(node, found)
+            fired += 1
+        return fired
+
     def add_declined(self, d: Declined) -> None:
         """Keep `d` unless the same node was already declined for the same reason (by any rule or
         round; node names are unique after canonicalize)."""

@@ -137,7 +137,8 @@ CASES = {
 
 def _attention_cases():
     """One self-attention block (2 heads of 4): stage 1 makes its core a com.microsoft
-    MultiHeadAttention over the projections; stage 2 packs those into com.microsoft.Attention."""
+    MultiHeadAttention over the projections; stage 2 packs those into com.microsoft.Attention;
+    unpack_attention (--int8) turns that back into one projection MatMul before MultiHeadAttention."""
     rng = np.random.default_rng(0)
     w = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in "qkv"}
     b = {n: rng.standard_normal(8).astype(np.float32) for n in "qkv"}
@@ -162,7 +163,15 @@ def _attention_cases():
     packed_b = np.concatenate([b["q"], b["k"], b["v"]])
     packed = ms(_model("    y = com.microsoft.Attention <num_heads = 2, scale = 0.5> (x, w, b)", sig=sig,
                        inits=f"float[8, 24] w = {_values(packed_w)}, float[24] b = {_values(packed_b)}"))
-    return {"attention": (before, core, {}), "attention_qkv": (core, packed, {})}
+    # With --int8, unpack_attention takes the packed projection back out (its split, not the three MatMuls).
+    unpacked = ms(_model("""    p0 = MatMul(x, w)
+    p1 = Add(p0, b)
+    q, k, v = Split <axis = 2> (p1, sizes)
+    y = com.microsoft.MultiHeadAttention <num_heads = 2, scale = 0.5> (q, k, v)""", sig=sig,
+                         inits=f"float[8, 24] w = {_values(packed_w)}, float[24] b = {_values(packed_b)}, "
+                               "int64[3] sizes = {8, 8, 8}"))
+    return {"attention": (before, core, {}), "attention_qkv": (core, packed, {}),
+            "unpack_attention": (packed, unpacked, {})}
 
 
 CASES.update(_attention_cases())

@@ -22,10 +22,10 @@ from onnxopt.kernels import catalogue
 from onnxopt.passes._lib import graph as lib
 from onnxopt.passes._lib.symbolic_shapes import SymbolicShapes
 from onnxopt.passes.attention import projections
+from onnxopt.passes.attention.projections import KEPT_ATTRIBUTES
 from onnxopt.passes.base import Decline, OptPass, need
 from onnxopt.passes.registry import register
 
-KEPT_ATTRIBUTES = ("num_heads", "scale", "unidirectional", "mask_filter_value")
 
 
 @register("attention_qkv", level=3, stage="fusion", targets=catalogue.kernel("Attention").emit_targets,
@@ -36,16 +36,9 @@ class AttentionQKVPass(OptPass):
     def apply(self, model: ir.Model) -> int:
         graph = model.graph
         shapes = SymbolicShapes(graph)
-        fired = 0
-        for node in [n for n in graph if n.domain == lib.MS and n.op_type == "MultiHeadAttention"]:
-            try:
-                found = self._match(node, shapes)
-            except Decline as exc:
-                self.decline(None, node, str(exc))
-                continue
-            self._rewrite(graph, node, found)
-            fired += 1
-        return fired
+        return self.rewrite_each([n for n in graph if n.domain == lib.MS and n.op_type == "MultiHeadAttention"],
+                                 lambda node: self._match(node, shapes),
+                                 lambda node, found: self._rewrite(graph, node, found))
 
     def _match(self, node: ir.Node, shapes: SymbolicShapes):
         inputs = list(node.inputs) + [None] * (5 - len(node.inputs))

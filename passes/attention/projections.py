@@ -15,6 +15,10 @@ from onnxopt.passes._lib.symbolic_shapes import Dim, SymbolicShapes
 from onnxopt.passes.base import Decline
 
 
+# The attributes MultiHeadAttention and Attention share (attention_qkv and unpack_attention carry them over).
+KEPT_ATTRIBUTES = ("num_heads", "scale", "unidirectional", "mask_filter_value")
+
+
 def _const(value: ir.Value | None) -> np.ndarray | None:
     # The legacy exporter shares weights through Identity nodes.
     return lib.constant_array(value, through_identity=True)

@@ -25,9 +25,11 @@ dequantized values, which is how fidelity is measured here and in verification.
 Preconditions (else the layer stays float and is declined with the reason): W constant (not an
 overridable initializer), float32 activation, Gemm without transA, ConvTranspose with group 1,
 opset >= 13 (per-axis QuantizeLinear). MatMuls of two activations (attention scores) stay float.
-A com.microsoft Attention kernel holds its Q/K/V projection internally: it is not QDQ-able and
-stays float (declined, reported). With --int8, -O3's attention fusion therefore emits
-MultiHeadAttention and leaves the (merged) projection outside as a MatMul, which is quantized. LayerNorm, Softmax, GELU and residual additions are never quantized (they are not
+A com.microsoft Attention kernel holds its Q/K/V projection internally: it is not QDQ-able. With
+--int8, -O3's attention fusion therefore emits MultiHeadAttention and leaves the (merged) projection
+outside as a MatMul, which is quantized, and `unpack_attention` (passes/attention/unpack.py) takes
+the projection out of an Attention the input model already has; one it declines stays float
+(declined here too, reported). LayerNorm, Softmax, GELU and residual additions are never quantized (they are not
 candidates).
 
 Fidelity control, decided on samples the thresholds never saw: the calibration data is split
@@ -82,8 +84,8 @@ class QuantizeInt8Pass(OptPass):
         for node in model.graph:
             if node.domain == "com.microsoft" and node.op_type in MS_FUSED_WITH_PROJECTIONS:
                 self.decline("quantize_int8", node, "fused com.microsoft Attention holds its Q/K/V projection "
-                             "internally (not QDQ-able); it stays float — compile the unfused model with --int8, which "
-                             "keeps the projection outside the attention kernel")
+                             "internally (not QDQ-able); it stays float (unpack_attention, which takes the projection "
+                             "out, declined it with its reason or does not run for this target)")
                 continue
             if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_OPS:
                 continue
