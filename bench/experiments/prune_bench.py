@@ -293,7 +293,8 @@ def bench_bert(tmp: Path, peers: bool, fraction: float = 0.4, n_calib: int = 128
     """BERT-base (zoo, random weights: speed only), batch 1, seq 128: --prune 0.4 at -O3 with 128
     calibration samples (zoo sample feeds of other seeds), its compile time, and latency beside
     unpruned -O3 (alternating rounds, an A/A copy of -O3 as control, 2 threads); then the pruned
-    model quantized with --int8 (64 of the samples) beside fp32 -O3."""
+    model quantized with --int8 (64 of the samples) beside fp32 -O3, and with peers onnxruntime's
+    quantize_dynamic of the same pruned model."""
     import onnxopt
     from onnxopt.bench import timing, zoo
 
@@ -314,6 +315,19 @@ def bench_bert(tmp: Path, peers: bool, fraction: float = 0.4, n_calib: int = 128
     both.save(tmp / "bert-pruned-int8.onnx")
     variants = {"O3": dense, "O3_copy": dense, "pruned": tmp / "bert-pruned.onnx",
                 "pruned_int8": tmp / "bert-pruned-int8.onnx"}
+    peer_info = {}
+    if peers:  # the onnxruntime quantizer on the same pruned model (dynamic: its recipe for BERT on CPU)
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from onnxopt.bench.experiments.int8_bench import _REDUCE_RANGE
+
+        dyn = tmp / "bert-pruned-ort-dynamic.onnx"
+        p, peer_info = _peer(lambda: (quantize_dynamic(str(tmp / "bert-pruned.onnx"), str(dyn), weight_type=QuantType.QInt8,
+                                                       reduce_range=_REDUCE_RANGE,
+                                                       extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}), dyn)[1])
+        if p is not None:
+            variants["pruned_ort_dynamic_int8"] = dyn
     sessions = {k: timing.session(p, threads=2) for k, p in variants.items()}
     lat = timing.alternating(sessions, feed, rounds=rounds, per_round=10, warmup=3)
     ratios = {k: timing.round_ratios(lat[k], lat["O3"]) for k in variants if k != "O3"}
@@ -321,7 +335,7 @@ def bench_bert(tmp: Path, peers: bool, fraction: float = 0.4, n_calib: int = 128
             "calibration_samples": n_calib,
             "macs_removed_fraction": round(d["macs_removed_fraction"], 4), "units": d["units"],
             "prune_time_s": d.get("time_s"), "latency_ms_p50": {k: round(v["p50"], 2) for k, v in lat.items()},
-            "ratio_vs_O3": ratios}
+            "ratio_vs_O3": ratios, **({"ort_dynamic_error": peer_info["error"]} if "error" in peer_info else {})}
 
 
 def markdown(results: dict) -> str:
@@ -343,7 +357,9 @@ def markdown(results: dict) -> str:
         r = bert["ratio_vs_O3"]
         lines.append(f"| BERT-base (speed) | onnxopt_O3_prune{bert.get('fraction', 0.4)} | {bert['macs_removed_fraction']:.1%} | "
                      f"latency {r['pruned']['median']}x of -O3 (A/A {r['O3_copy']['median']}x); + int8 "
-                     f"{r['pruned_int8']['median']}x | {bert['prune_compile_s']} |")
+                     f"{r['pruned_int8']['median']}x" + (f" (onnxruntime quantize_dynamic: {r['pruned_ort_dynamic_int8']['median']}x)"
+                                                          if "pruned_ort_dynamic_int8" in r else "") +
+                     f" | {bert['prune_compile_s']} |")
     return "\n".join(lines) + "\n"
 
 
