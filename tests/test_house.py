@@ -129,3 +129,24 @@ def test_options_are_stated_once():
                                                                           int8_reduce_range=False, opt_level=3)
     with pytest.raises(onnxopt.CompileError, match="unknown option 'tolerence'"):
         onnxopt.compile(parse(BAD_GELU), tolerence=1e-3)
+
+
+def test_the_checkout_root_on_sys_path_does_not_shadow_the_kernels_distribution():
+    """`python -m ...` from the checkout puts its root on sys.path, where kernels/ would shadow the
+    `kernels` distribution that transformers imports when it is installed (transformers >= 5.25
+    requires it): a top-level `import kernels` must give that distribution, or ModuleNotFoundError."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    code = ("import kernels, onnxopt.kernels.catalogue as c\n"
+            "print(kernels.__file__)\nprint(c.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert run.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in run.stderr, run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    top, ours = run.stdout.split()
+    assert Path(top).parent != ROOT / "kernels" and Path(ours).parent == ROOT / "kernels"
