@@ -198,6 +198,16 @@ def _peer(fn, *args):
 _REDUCE_RANGE = u8s8_saturates()
 
 
+def ort_dynamic(src: Path, out: Path) -> Path:
+    """onnxruntime's quantize_dynamic (s8 weights; its recipe for transformers on CPU) of `src` into `out`."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, reduce_range=_REDUCE_RANGE,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return out
+
+
 def _ort_static(path, feeds, out: Path, method: str):
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -445,14 +455,8 @@ def _bench_bert_recipe(tmp: Path, peers: bool, recipe: dict, seq: int, n_calib: 
         res[f"onnxopt_int8_O{level}"] = {k: v for k, v in info.items() if k != "details"}
         paths[f"int8_O{level}"] = p
     if peers:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        import onnx
-
         dyn = tmp / "bert-dyn.onnx"
-        p, info = _peer(lambda: (quantize_dynamic(str(fp32), str(dyn), weight_type=QuantType.QInt8,
-                                                  reduce_range=_REDUCE_RANGE,
-                                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}), dyn)[1])
+        p, info = _peer(ort_dynamic, fp32, dyn)
         if p is None:
             res["ort_dynamic"] = info
         else:

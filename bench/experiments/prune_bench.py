@@ -317,17 +317,11 @@ def bench_bert(tmp: Path, peers: bool, fraction: float = 0.4, n_calib: int = 128
                 "pruned_int8": tmp / "bert-pruned-int8.onnx"}
     peer_info = {}
     if peers:  # the onnxruntime quantizer on the same pruned model (dynamic: its recipe for BERT on CPU)
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxopt.bench.experiments.int8_bench import ort_dynamic
 
-        from onnxopt.bench.experiments.int8_bench import _REDUCE_RANGE
-
-        dyn = tmp / "bert-pruned-ort-dynamic.onnx"
-        p, peer_info = _peer(lambda: (quantize_dynamic(str(tmp / "bert-pruned.onnx"), str(dyn), weight_type=QuantType.QInt8,
-                                                       reduce_range=_REDUCE_RANGE,
-                                                       extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}), dyn)[1])
+        p, peer_info = _peer(ort_dynamic, tmp / "bert-pruned.onnx", tmp / "bert-pruned-ort-dynamic.onnx")
         if p is not None:
-            variants["pruned_ort_dynamic_int8"] = dyn
+            variants["pruned_ort_dynamic_int8"] = p
     sessions = {k: timing.session(p, threads=2) for k, p in variants.items()}
     lat = timing.alternating(sessions, feed, rounds=rounds, per_round=10, warmup=3)
     ratios = {k: timing.round_ratios(lat[k], lat["O3"]) for k in variants if k != "O3"}
