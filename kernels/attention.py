@@ -18,6 +18,11 @@ key both padded and in the future gets 2 * mask_filter_value); attention_bias [B
 is added as is. Rows where every key is masked are therefore not special-cased: they come out as
 whatever softmax makes of the filtered scores.
 
+QAttention(input, weight, bias, input_scale, weight_scale, mask_index?, input_zero_point?,
+           weight_zero_point?) -> [B,S,N]
+    Attention whose projection is MatMulIntegerToFloat's integer product (kernels/quantize.py);
+    Q, K and V of equal width N.
+
 FusedMatMul(A, B) -> alpha * op(A) @ op(B), op transposing the last two axes when transA/transB,
 and (transBatchA/B) moving the first batch axis to just before the last two.
 
@@ -27,6 +32,8 @@ Pure numpy; scores and softmax in float32 as the kernels do.
 from __future__ import annotations
 
 import numpy as np
+
+from onnxopt.kernels.quantize import matmul_integer_to_float
 
 DEFAULT_MASK_FILTER_VALUE = -10000.0
 
@@ -179,3 +186,27 @@ def fused_matmul(
 
     out = np.matmul(prepare(a, transA, transBatchA), prepare(b, transB, transBatchB))
     return (np.float32(alpha) * out).astype(np.float32)
+
+
+def qattention(
+    input: np.ndarray,  # noqa: A002 - the contract's name
+    weight: np.ndarray,
+    bias: np.ndarray,
+    input_scale,
+    weight_scale,
+    mask_index: np.ndarray | None = None,
+    input_zero_point=None,
+    weight_zero_point=None,
+    *,
+    num_heads: int,
+    scale: float | None = None,
+    unidirectional: int = 0,
+    mask_filter_value: float = DEFAULT_MASK_FILTER_VALUE,
+) -> np.ndarray:
+    """com.microsoft.QAttention (no past state): Attention whose packed projection is the integer
+    product MatMulIntegerToFloat(input, weight, input_scale, weight_scale, zero points, bias)."""
+    qkv = matmul_integer_to_float(input, weight, input_scale, weight_scale, input_zero_point, weight_zero_point, bias)
+    n = qkv.shape[-1] // 3
+    b, s, _ = qkv.shape
+    mask = additive_mask(mask_index, b, s, s, unidirectional=unidirectional, mask_filter_value=mask_filter_value)
+    return _core(qkv[..., :n], qkv[..., n:2 * n], qkv[..., 2 * n:], num_heads, scale, mask, None)

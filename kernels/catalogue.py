@@ -96,6 +96,19 @@ CATALOGUE: dict[tuple[str, str], Kernel] = {
                "(output, present_key?, present_value?); attrs num_heads, scale, unidirectional, "
                "mask_filter_value; projected Q/K/V in, attention out",
                "attention:multi_head_attention"),
+        # Integer kernels: the dtypes are those of the quantized activation (input A / input).
+        # Listed for the CPU EP only, the one onnxopt lowers QDQ to them for (and measures them on);
+        # for the GPU targets the QDQ form stays, for their own fusions.
+        Kernel("MatMulIntegerToFloat", MS, {"cpu": ("uint8", "int8")},
+               "(A, B, a_scale, b_scale, a_zero_point?, b_zero_point?, bias?) -> Y float32; "
+               "Y = (A - a_zp) @ (B - b_zp) * a_scale * b_scale + bias, the products summed in int32, "
+               "b_scale / b_zero_point scalar or per column [N]; (A, B) u8 x s8, u8 x u8 or s8 x s8",
+               "quantize:matmul_integer_to_float"),
+        Kernel("QAttention", MS, {"cpu": ("uint8",)},
+               "(input u8, weight, bias, input_scale, weight_scale, mask_index?, input_zero_point?, "
+               "weight_zero_point?, past?) -> (output, present?); attrs num_heads, scale, unidirectional, "
+               "mask_filter_value; Attention whose packed projection is MatMulIntegerToFloat's",
+               "attention:qattention"),
     ]
 }
 

@@ -137,3 +137,17 @@ def bias_int32(b: np.ndarray, scale_x: float, scale_w: np.ndarray) -> tuple[np.n
     if not np.all(np.isfinite(q)) or np.any(np.abs(q) > INT32_MAX):
         return None
     return q.astype(np.int32), scale
+
+
+def matmul_integer_to_float(a: np.ndarray, b: np.ndarray, a_scale, b_scale, a_zero_point=None, b_zero_point=None,
+                            bias: np.ndarray | None = None) -> np.ndarray:
+    """com.microsoft.MatMulIntegerToFloat: (A - a_zp) @ (B - b_zp) summed exactly in integers, times
+    a_scale * b_scale (b's per column [N] or one scalar), plus bias [N]."""
+    a_zp = np.zeros((), np.int64) if a_zero_point is None else np.asarray(a_zero_point).astype(np.int64)
+    b_zp = np.zeros((), np.int64) if b_zero_point is None else np.asarray(b_zero_point).astype(np.int64)
+    acc = np.matmul(np.asarray(a).astype(np.int64) - a_zp, np.asarray(b).astype(np.int64) - b_zp)
+    scale = np.float32(a_scale) * np.asarray(b_scale, dtype=np.float32)
+    out = acc.astype(np.float32) * scale
+    if bias is not None:
+        out = out + np.asarray(bias, dtype=np.float32)
+    return out.astype(np.float32)

@@ -123,6 +123,18 @@ def assert_rewrite(
     return compiled
 
 
+def padded_feeds(name: str, path) -> dict:
+    """Zoo sample feeds, batch 2, the second row's attention_mask (if any) ending in zeros (padding)."""
+    from onnxopt.bench import zoo
+
+    feeds = zoo.sample_feeds(name, path, batch=2)
+    if "attention_mask" in feeds:
+        mask = feeds["attention_mask"].copy()
+        mask[1, -(mask.shape[1] // 3):] = 0
+        feeds["attention_mask"] = mask
+    return feeds
+
+
 def parse(text: str) -> onnx.ModelProto:
     """An ONNX text model (onnx.parser), checked: the fixtures of precondition tests."""
     model = onnx.parser.parse_model(text)

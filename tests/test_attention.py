@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.bench import zoo
-from oracle import declined, assert_rewrite, op_counts, run_ort
+from oracle import assert_rewrite, declined, op_counts, padded_feeds, run_ort
 
 ATT = "com.microsoft.Attention"
 MHA = "com.microsoft.MultiHeadAttention"
@@ -51,15 +51,6 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _padded_feeds(name: str, path) -> dict:
-    """Batch 2; the second row's attention_mask ends in zeros (padding)."""
-    feeds = zoo.sample_feeds(name, path, batch=2)
-    mask = feeds["attention_mask"].copy()
-    mask[1, -(mask.shape[1] // 3) :] = 0
-    feeds["attention_mask"] = mask
-    return feeds
-
-
 @pytest.mark.parametrize("case", ZOO, ids=_id)
 def test_zoo_exports_fuse_to_attention(case):
     kw, blocks, unidirectional = case
@@ -83,7 +74,7 @@ def test_zoo_exports_fuse_to_attention(case):
             cast = next(n for n in compiled.graph.node if node.input[3] in n.output)
             assert cast.op_type == "Cast" and cast.input[0] == "attention_mask" and "attention_mask" in graph_inputs
     if "attention_mask" in graph_inputs:
-        assert_rewrite(3, model, _padded_feeds(kw["name"], path), expect_ops={ATT: blocks})
+        assert_rewrite(3, model, padded_feeds(kw["name"], path), expect_ops={ATT: blocks})
 
 
 @pytest.mark.parametrize(
@@ -112,10 +103,10 @@ def test_stages_core_then_packed_projection():
     assert "attention_qkv" in names(set()) and "attention_qkv" not in names({"int8"})
 
 
-def test_padding_matters_in_the_padded_feeds():
+def test_padding_matters_in_thepadded_feeds():
     # The padded-batch checks above are only meaningful if the mask changes the outputs.
     path = zoo.build("bert", opset=14)
-    sess_feeds = _padded_feeds("bert", path)
+    sess_feeds = padded_feeds("bert", path)
     padded = run_ort(onnx.load(str(path)), sess_feeds)["last_hidden_state"]
     sess_feeds["attention_mask"] = np.ones_like(sess_feeds["attention_mask"])
     full = run_ort(onnx.load(str(path)), sess_feeds)["last_hidden_state"]

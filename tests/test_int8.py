@@ -141,12 +141,18 @@ def test_int8_at_O3_keeps_attention_projections_quantizable():
     projection outside, where it is quantized (com.microsoft Attention would keep it float inside)."""
     path = zoo.build("bert", size="tiny")
     calib = [zoo.sample_feeds("bert", path, seed=s) for s in range(8)]
-    result = onnxopt.compile(path, opt_level=3, int8=True, calibration_data=calib, int8_min_cosine=0.0)
-    ops = result.report["ops_after"]
+    qdq = onnxopt.compile(path, opt_level=3, int8=True, calibration_data=calib, int8_min_cosine=0.0,
+                          disable=["lower_int8"])
+    ops = qdq.report["ops_after"]
     assert ops.get("com.microsoft.MultiHeadAttention") == 2 and "com.microsoft.Attention" not in ops
-    qkv = [n for n in result.ir_model.graph if n.op_type == "MatMul" and n.inputs[1].shape[1] == 3 * n.inputs[1].shape[0]]
+    qkv = [n for n in qdq.ir_model.graph if n.op_type == "MatMul" and n.inputs[1].shape[1] == 3 * n.inputs[1].shape[0]]
     assert len(qkv) == 2
     assert all(n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear" for n in qkv)
+    # On the cpu target lower_int8 then runs the quantized projection and the core as one QAttention
+    # and every other MatMul as MatMulIntegerToFloat.
+    ops = onnxopt.compile(path, opt_level=3, int8=True, calibration_data=calib, int8_min_cosine=0.0).report["ops_after"]
+    assert ops.get("com.microsoft.QAttention") == 2 and "com.microsoft.MultiHeadAttention" not in ops
+    assert ops.get("com.microsoft.MatMulIntegerToFloat") == 6 and "MatMul" not in ops
     # Without --int8 the same level packs the projection into Attention.
     assert onnxopt.compile(path, opt_level=3).report["ops_after"]["com.microsoft.Attention"] == 2
 
@@ -238,8 +244,10 @@ def _kernels_vs_qdq(model: onnx.ModelProto, feeds) -> float:
 def _saturation_int8(reduce_range):
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.random((1, 64, 4, 4)).astype(np.float32)} for _ in range(20)]
+    # The QDQ form (lower_int8 off): lowered, both sessions would run the integer kernels.
     result = onnxopt.compile(_saturation_model(), opt_level=2, int8=True, calibration_data=feeds,
-                             int8_min_cosine=0.0, verify_outputs=False, int8_reduce_range=reduce_range)
+                             int8_min_cosine=0.0, verify_outputs=False, int8_reduce_range=reduce_range,
+                             disable=["lower_int8"])
     details = next(r for r in result.report["passes"] if r["name"] == "quantize_int8")["details"]
     assert details["quantized"] == 3
     return result, details, feeds

@@ -243,6 +243,17 @@ def replace(graph: ir.Graph, nodes: list[ir.Node], final: ir.Value, new: ir.Node
     ir.convenience.replace_nodes_and_values(graph, at, nodes, [new], [final], [new.outputs[0]])
 
 
+def substitute(graph: ir.Graph, last: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """Insert `new_nodes` before `last`, route the users of `last`'s first output (graph outputs
+    included) to `result`, which takes that output's name, type and shape, and remove what is left
+    unused (`last` and, transitively, its producers)."""
+    graph.insert_before(last, new_nodes)
+    old = last.outputs[0]
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    remove_dead(graph, last)
+    result.name, result.type, result.shape = old.name, old.type, old.shape
+
+
 def need_kernel(target: str, op: str, dtype: ir.DataType | None, domain: str = MS) -> None:
     """Decline unless the target runs the fused kernel `domain.op` in `dtype` (kernels/catalogue.py)."""
     from onnxopt.kernels import catalogue

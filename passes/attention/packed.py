@@ -74,8 +74,4 @@ class AttentionQKVPass(OptPass):
             inputs.pop()
         name = node.name.replace("MultiHeadAttention", "Attention") if node.name else "Attention"
         new = ir.Node(lib.MS, "Attention", inputs, attributes=attrs, name=name, num_outputs=1)
-        graph.insert_before(node, new)
-        old = node.outputs[0]
-        old.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-        lib.remove_dead(graph, node)
-        new.outputs[0].name, new.outputs[0].type, new.outputs[0].shape = old.name, old.type, old.shape
+        lib.substitute(graph, node, [new], new.outputs[0])

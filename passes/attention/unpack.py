@@ -102,8 +102,4 @@ class UnpackAttentionPass(OptPass):
         name = base.replace("Attention", "MultiHeadAttention") if "Attention" in base else f"{base}.mha"
         mha = ir.Node(lib.MS, "MultiHeadAttention", inputs, attributes=attrs, name=name, num_outputs=1)
         new_nodes.append(mha)
-        graph.insert_before(node, new_nodes)
-        old = node.outputs[0]
-        old.replace_all_uses_with(mha.outputs[0], replace_graph_outputs=True)
-        lib.remove_dead(graph, node)
-        mha.outputs[0].name, mha.outputs[0].type, mha.outputs[0].shape = old.name, old.type, old.shape
+        lib.substitute(graph, node, new_nodes, mha.outputs[0])

@@ -5,6 +5,9 @@
 - `layers.py`: the layers and activations int8 works on, and the initializers the pass owns;
 - `quantize.py`: the pass: candidates, calibration (streamed histograms), the Q/DQ insertion and the
   description for the report;
+- `lower.py`: the `lower_int8` pass (cpu target): the QDQ MatMuls lowered to onnxruntime's integer
+  kernels with their bias (MatMulIntegerToFloat), and a quantized packed projection with its
+  MultiHeadAttention to QAttention;
 - `qdq.py`: the one helper that writes a QuantizeLinear / DequantizeLinear pair or a constant's
   DequantizeLinear;
 - `control.py`: the fidelity control (range choice and layers back to float, decided on the validation
@@ -13,4 +16,4 @@
 Importing the package registers the pass.
 """
 
-from onnxopt.passes.int8 import quantize  # noqa: F401
+from onnxopt.passes.int8 import lower, quantize  # noqa: F401

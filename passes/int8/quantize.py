@@ -20,7 +20,9 @@ Rewrite, for a layer y = op(x, W[, b]) with constant W (and b):
 
 onnxruntime (graph optimizations on) turns DQ -> MatMul into MatMulIntegerToFloat and
 DQ -> Conv -> Q into QLinearConv; with optimizations off the QDQ graph runs as float ops on the
-dequantized values, which is how fidelity is measured here and in verification.
+dequantized values, which is how the control below ranks its choices. For the cpu target,
+`lower_int8` (lower.py) then writes the MatMuls' integer kernels itself, with their bias Adds and
+the attention block folded in, which onnxruntime's own fusion leaves as separate kernels.
 
 Preconditions (else the layer stays float and is declined with the reason): W constant (not an
 overridable initializer), float32 activation, Gemm without transA, ConvTranspose with group 1,
