@@ -52,8 +52,10 @@ def test_qdq_of_zoo_exports_lowers_to_integer_kernels(kw, tmp_path):
     assert n_mha == 2 and n_mm >= 6
     out = assert_rewrite("lower_int8", qdq, padded_feeds(kw["name"], path), rtol=2e-4, expect_fired=True,
                          expect_ops={QATT: n_mha, MHA: 0, MMITF: n_mm - n_mha, "MatMul": counts["MatMul"] - n_mm})
-    # Every bias Add of a lowered MatMul went into its kernel.
+    # Every bias Add of a lowered MatMul, and every BiasGelu's bias, went into its kernel.
     assert op_counts(out)["Add"] < counts["Add"]
+    assert op_counts(out)["com.microsoft.BiasGelu"] == 0
+    assert op_counts(out)["com.microsoft.Gelu"] == counts["com.microsoft.BiasGelu"] + counts["com.microsoft.Gelu"]
     # The attributes carry over.
     attrs = lambda m, op: [{a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
                            for n in m.graph.node if n.op_type == op]
@@ -181,14 +183,18 @@ def _matmul_model(*, a_type=np.uint8, w_type=np.int8, per_column=True, zero_poin
     if bias == "none":
         nodes[-1].output[0] = "y"
     else:
-        add_in = {"right": ["m", "b"], "left": ["b", "m"], "2d": ["m", "b2"]}[bias]
-        nodes.append(helper.make_node("Add", add_in, ["y"]))
+        if bias == "biasgelu":
+            nodes.append(helper.make_node("BiasGelu", ["m", "b"], ["y"], domain="com.microsoft"))
+        else:
+            add_in = {"right": ["m", "b"], "left": ["b", "m"], "2d": ["m", "b2"]}[bias]
+            nodes.append(helper.make_node("Add", add_in, ["y"]))
     if second_use:
         nodes.append(helper.make_node("Relu", ["m"], ["r"]))
         outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 3, N]))
     outputs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, N]))
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21 if block else 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21 if block else 17),
+                                                    *([helper.make_opsetid("com.microsoft", 1)] if bias == "biasgelu" else [])])
     onnx.checker.check_model(model)
     return model
 
@@ -205,9 +211,11 @@ def _x():
     (dict(a_type=np.int8), {MMITF: 1, "Add": 0}),
     (dict(a_type=np.uint8, w_type=np.uint8), {MMITF: 1, "Add": 0}),
     # A bias of another shape, or a MatMul output used twice, keeps its Add.
+    # BiasGelu's bias moves into the kernel, the GELU stays (com.microsoft Gelu, the same erf GELU).
+    (dict(bias="biasgelu"), {MMITF: 1, "Add": 0, "com.microsoft.BiasGelu": 0, "com.microsoft.Gelu": 1}),
     (dict(bias="2d"), {MMITF: 1, "Add": 1}),
     (dict(second_use=True), {MMITF: 1, "Add": 1}),
-], ids=["per-column", "per-tensor-no-zp", "bias-left", "no-bias", "s8xs8", "u8xu8", "bias-2d", "two-uses"])
+], ids=["per-column", "per-tensor-no-zp", "bias-left", "no-bias", "s8xs8", "u8xu8", "biasgelu", "bias-2d", "two-uses"])
 def test_hand_written_matmuls_lower(kw, expect):
     out = assert_rewrite("lower_int8", _matmul_model(**kw), _x(), expect_ops={**expect, "MatMul": 0}, expect_fired=True)
     fused = next(n for n in out.graph.node if n.op_type == "MatMulIntegerToFloat")
