@@ -81,6 +81,10 @@ def test_int8_lowers_on_cpu_only():
     rec = next(p for p in cpu.report["passes"] if p["name"] == "lower_int8")
     assert rec["fired"] == 6 + 2 + 2 and not rec["declined"]  # 8 MatMuls, then 2 attention blocks
     assert next(p for p in cpu.report["passes"] if p["name"] == "quantize_int8")["details"]["fidelity"]["ok"]
+    # At -O2 the attention's score and context MatMuls stay float: not candidates, nothing declined.
+    o2 = onnxopt.compile(path, opt_level=2, int8=True, calibration_data=calib, int8_min_cosine=0.0)
+    rec = next(p for p in o2.report["passes"] if p["name"] == "lower_int8")
+    assert o2.report["ops_after"]["MatMul"] == 4 and o2.report["ops_after"][MMITF] == 8 and not rec["declined"]
     # The GPU targets keep the QDQ form for their own fusions.
     cuda = onnxopt.compile(path, opt_level=3, int8=True, calibration_data=calib, int8_min_cosine=0.0, target="cuda")
     assert MMITF not in cuda.report["ops_after"] and "lower_int8" not in [p["name"] for p in cuda.report["passes"]]

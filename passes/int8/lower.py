@@ -75,7 +75,11 @@ class LowerInt8Pass(OptPass):
 
     def apply(self, model: ir.Model) -> int:
         graph = model.graph
-        fired = self.rewrite_each([n for n in graph if lib.standard(n, "MatMul")],
+        # Candidates: MatMuls with a quantized input (the float ones, e.g. attention scores or
+        # layers the fidelity control kept float, are not lowering's business).
+        quantized = [n for n in graph if lib.standard(n, "MatMul")
+                     and any(lib.produced_by(v, "DequantizeLinear") for v in n.inputs)]
+        fired = self.rewrite_each(quantized,
                                   self._match_matmul, lambda node, found: self._lower_matmul(graph, node, *found))
         shapes = SymbolicShapes(graph)
         fired += self.rewrite_each([n for n in graph if n.domain == lib.MS and n.op_type == "MultiHeadAttention"],
