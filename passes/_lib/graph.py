@@ -170,6 +170,27 @@ def rewritable_constant(value: ir.Value | None, what: str) -> np.ndarray:
     return array
 
 
+def split_sizes(split: ir.Node, width: int) -> list[int]:
+    """The sizes a Split cuts a `width`-wide axis into: its `split` attribute (opset < 13), its
+    constant sizes input, else equal parts; Decline when they are not constant or do not fit."""
+    attr = split.attributes.get("split")
+    if attr is not None:
+        sizes = [int(s) for s in attr.as_ints()]
+    elif optional_input(split, 1) is not None:
+        array = constant_array(split.inputs[1], through_identity=True)
+        if array is None:
+            raise Decline("the split sizes are not constant")
+        sizes = [int(s) for s in array.reshape(-1)]
+    else:
+        n = len(split.outputs)
+        if width % n:
+            raise Decline(f"a {width}-wide axis does not split evenly into {n}")
+        sizes = [width // n] * n
+    if sum(sizes) != width:
+        raise Decline(f"the split sizes {sizes} do not cover the {width}-wide axis")
+    return sizes
+
+
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The value's shape if every dimension is a known integer, else None."""
     if value is None or value.shape is None:

@@ -147,20 +147,7 @@ def _split_projection(split: ir.Node, value: ir.Value, shapes: SymbolicShapes) -
         raise Decline("a packed projection is not split on its last axis")
     packed = _dense(packed_value, shapes)
     width = packed.weight.shape[1]
-    sizes = split.attributes.get("split")
-    sizes = list(sizes.value) if sizes is not None else None
-    if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
-        array = _const(split.inputs[1])
-        if array is None:
-            raise Decline("the packed projection's split sizes are not constant")
-        sizes = [int(s) for s in array.reshape(-1)]
-    if sizes is None:
-        n = len(split.outputs)
-        if width % n:
-            raise Decline("the packed projection does not split evenly")
-        sizes = [width // n] * n
-    if sum(sizes) != width:
-        raise Decline("the split sizes do not cover the packed projection")
+    sizes = lib.split_sizes(split, width)
     index = list(split.outputs).index(value)
     offset = sum(sizes[:index])
     bias = packed.bias[offset : offset + sizes[index]] if packed.bias is not None else None

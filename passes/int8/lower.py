@@ -57,7 +57,7 @@ def _code_type(codes: ir.Value | None, zero_point: ir.Value | None = None):
         return codes.dtype
     producer = codes.producer()
     if zero_point is None and lib.standard(producer, "QuantizeLinear"):
-        zero_point = producer.inputs[2] if len(producer.inputs) > 2 else None
+        zero_point = lib.optional_input(producer, 2)
         if zero_point is None:
             return U8
     zp = constant_array(zero_point)
@@ -65,7 +65,7 @@ def _code_type(codes: ir.Value | None, zero_point: ir.Value | None = None):
 
 
 def _dq_code_type(dq: ir.Node):
-    return _code_type(dq.inputs[0], dq.inputs[2] if len(dq.inputs) > 2 else None)
+    return _code_type(dq.inputs[0], lib.optional_input(dq, 2))
 
 
 # order 12: after quantize_int8 (10), whose QDQ graph it lowers, and before fp16.
@@ -186,15 +186,14 @@ class LowerInt8Pass(OptPass):
         # query's rank here, cannot be the 4-D form), so an unknown rank is 3 by its contract.
         rank = shapes.rank(projection.inputs[0])
         need(rank in (None, 3), f"the projection's input is {rank}-D, not [batch, sequence, hidden]")
-        need(_code_type(projection.inputs[0], projection.inputs[4] if len(projection.inputs) > 4 else None) == U8, "the projection's input codes are not u8 (QAttention takes u8)")
+        need(_code_type(projection.inputs[0], lib.optional_input(projection, 4)) == U8,
+             "the projection's input codes are not u8 (QAttention takes u8)")
         width = constant_array(projection.inputs[1]).shape[1]
         axis = split.attributes.get_int("axis", 0)
         need(axis in (2, -1), f"the Split is on axis {axis}, not the last")
-        sizes = constant_array(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
-        attr = split.attributes.get("split")
-        sizes = [int(s) for s in (sizes if sizes is not None else attr.as_ints() if attr is not None else [width // 3] * 3)]
-        need(width % 3 == 0 and sizes == [width // 3] * 3, f"the Split's sizes {sizes} are not three equal thirds")
-        projection_bias = projection.inputs[6] if len(projection.inputs) > 6 else None
+        sizes = lib.split_sizes(split, width)
+        need(sizes == [width // 3] * 3, f"the Split's sizes {sizes} are not three equal thirds")
+        projection_bias = lib.optional_input(projection, 6)
         need(projection_bias is None or mha_bias is None, "both the projection and MultiHeadAttention add a bias")
         if mha_bias is not None:
             b = constant_array(mha_bias)
