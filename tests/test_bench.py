@@ -219,3 +219,15 @@ def test_norm_kernels_measures_both_forms(capsys):
     assert set(norm_kernels.kernel_times("Add + LayerNormalization", 4, 8, threads=1, runs=2)) == {"Add", "LayerNormalization"}
     assert norm_kernels.main(["--shapes", "4x8", "--threads", "1", "--runs", "2"]) == 0
     assert "| [1, 4, 8] | 1 |" in capsys.readouterr().out
+
+
+def test_peer_sparsity_matching_the_same_macs():
+    """The prune benchmark reruns onnxsim at the sparsity that removes onnxopt's MACs: linear in its
+    probe run, refused without one or past what a uniform sparsity can reach."""
+    from onnxopt.bench.experiments.prune_bench import _matched_sparsity
+
+    assert _matched_sparsity({"macs": 0.162}, 0.25, "macs", 0.25) == pytest.approx(0.386, abs=1e-3)
+    assert _matched_sparsity({"macs": 0.1}, 0.1, "macs", 0.3) == pytest.approx(0.3)
+    assert _matched_sparsity({}, 0.25, "macs", 0.25) is None
+    assert _matched_sparsity({"macs": 0.0}, 0.25, "macs", 0.25) is None
+    assert _matched_sparsity({"macs": 0.1}, 0.25, "macs", 0.5) is None  # would need sparsity 1.25

@@ -8,18 +8,23 @@
 * minilm: all-MiniLM-L6-v2 (real weights), onnxopt -O3 output; cosine of mean-pooled embeddings
   of 160 held-out real sentences (int8_bench.real_sentences()[120:280]) dense vs pruned.
   Calibration: 128 samples made only of the 120 calibration sentences (each alone, and 8 random
-  pairs of them), padded to 64 tokens like int8_bench's.
+  pairs of them), padded to 64 tokens like int8_bench's; and once, at the first fraction, every real
+  sentence that is not held out (425), each alone.
 * efficientnet: EfficientNet-Lite0 (ImageNet weights, BN folded by -O2), top-1 agreement with the
   dense model on 200 random crops of scikit-image photos; calibration: 64 other crops.
 * memory: peak heap growth of pruning with 128 vs 1024 calibration samples (an .npz, streamed).
 * Peers on the same models in the same run: onnxsim's apply_structured_wanda_pruning +
   apply_pruning_finetune on the form it can prune (onnxopt -O2 output for digits, -O3 for MiniLM),
-  at several channel sparsities, with the MACs each result really removes; Torch-Pruning when the
+  at several channel sparsities, with the MACs each result really removes, and (MiniLM,
+  EfficientNet) at the sparsity that removes the same MACs as each onnxopt run; Torch-Pruning when the
   package is installed (magnitude importance, no fine-tuning, exported with torch.onnx): the digits
-  CNN's channels, and MiniLM's heads and FFN neurons (its export fused by onnxopt -O3 before
+  CNN's channels, EfficientNet-Lite0's channels at the same MACs as each onnxopt run, and MiniLM's
+  heads and FFN neurons (its export fused by onnxopt -O3 before
   counting, like onnxopt's own output).
 * bert: BERT-base (zoo, random weights), speed only: --prune 0.4 compile time, latency of the pruned
   model and of the pruned model with --int8 beside -O3 (alternating rounds, A/A control).
+
+Output: the JSON, a markdown table beside it (.md) and the fidelity-vs-MACs curves of every method (.png).
 
 MACs: Conv/MatMul/Gemm/Attention multiply-accumulates of one batch-1 run, counted on each model
 file the same way (onnxopt.passes.prune's counter at probe shapes).
@@ -143,10 +148,41 @@ def _torch_pruning_minilm(out: Path, ratio: float):
                  "ffn_kept": sum(layer.intermediate.dense.out_features for layer in bert.encoder.layer)}
 
 
+def _torch_pruning_efficientnet(out: Path, ratio: float):
+    """Torch-Pruning on EfficientNet-Lite0: L2 magnitude importance over every prunable channel at
+    the uniform `ratio` (depthwise convs and the channels tied by residual adds coupled by its
+    dependency graph), the classifier kept, no fine-tuning; exported with the legacy exporter, opset 13."""
+    import torch
+    import torch_pruning as tp
+
+    from onnxopt.bench import zoo
+
+    t = time.perf_counter()
+    example = torch.zeros(1, 3, 224, 224)
+    module, names, outputs = zoo.torch_module("efficientnet_lite0")
+    tp.pruner.MagnitudePruner(module, example, importance=tp.importance.MagnitudeImportance(p=2),
+                              pruning_ratio=ratio, ignored_layers=[module._fc]).step()
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (example,), str(out), input_names=list(names), output_names=list(outputs),
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13, dynamo=False)
+    return out, {"compile_s": round(time.perf_counter() - t, 1), "pruning_ratio": round(ratio, 4)}
+
+
 def _reduction(base: dict, got: dict, ops) -> float:
     b = sum(v for k, v in base.items() if k in ops)
     g = sum(v for k, v in got.items() if k in ops)
     return round(1.0 - g / b, 4) if b else 0.0
+
+
+def _matched_sparsity(probe: dict, sparsity: float, key: str, target: float) -> float | None:
+    """The onnxsim sparsity that removes about `target` of the MACs, from one run of it at
+    `sparsity` that removed probe[key] (the removed MACs grow linearly with its uniform
+    per-layer sparsity); None without that run or when no sparsity below 0.95 reaches it."""
+    removed = probe.get(key)
+    if not removed:
+        return None
+    s = round(target * sparsity / removed, 3)
+    return s if s < 0.95 else None
 
 
 def bench_digits(tmp: Path, peers: bool) -> dict:
@@ -213,10 +249,22 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
     for f in fractions:
         p, info = _onnxopt(path, calib, tmp / f"m-{f}.onnx", opt_level=3, prune=f)
         res[f"onnxopt_O3_prune{f}"] = entry(p, info)
+    # More calibration data: every real sentence that is not held out, each alone.
+    pool = real_sentences()
+    wide = _minilm_feeds(pool[:N_CALIB_SENTENCES] + pool[N_CALIB_SENTENCES + N_HELD_OUT_SENTENCES:])
+    p, info = _onnxopt(path, wide, tmp / "m-wide.onnx", opt_level=3, prune=fractions[0])
+    res[f"onnxopt_O3_prune{fractions[0]}_{len(wide)}sentences"] = entry(p, info)
     if peers:
         for s in (0.25, 0.5):
             p, info = _peer(_onnxsim, dense, calib[:64], tmp / f"m-sim-{s}.onnx", s)
             res[f"onnxsim_O3_sparsity{s}"] = entry(p, info) if p else info
+        # onnxsim prunes FFN neurons only, so its sparsity removes fewer encoder MACs than onnxopt's
+        # --prune of the same number: rerun it at the sparsity that removes the same MACs.
+        for f in fractions:
+            s = _matched_sparsity(res.get("onnxsim_O3_sparsity0.25", {}), 0.25, "encoder_macs_removed", f)
+            if s is not None:
+                p, info = _peer(_onnxsim, dense, calib[:64], tmp / f"m-sim-m{f}.onnx", s)
+                res[f"onnxsim_O3_sparsity{s}_matching{f}"] = entry(p, info) if p else info
         for r in (0.25, 0.5):
             p, info = _peer(_torch_pruning_minilm, tmp / f"m-tp-{r}.onnx", r)
             if p:  # fused like onnxopt's output, so that MACs are counted the same way
@@ -258,6 +306,26 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
         for s in (0.1, 0.2, 0.3):
             p, info = _peer(_onnxsim, dense, calib[:32], tmp / f"e-sim-{s}.onnx", s)
             res[f"onnxsim_O2_sparsity{s}"] = entry(p, info) if p else info
+        for f in fractions:  # and at the sparsity that removes the same MACs as onnxopt's --prune f
+            s = _matched_sparsity(res.get("onnxsim_O2_sparsity0.1", {}), 0.1, "macs_removed", f)
+            if s is not None:
+                p, info = _peer(_onnxsim, dense, calib[:32], tmp / f"e-sim-m{f}.onnx", s)
+                res[f"onnxsim_O2_sparsity{s}_matching{f}"] = entry(p, info) if p else info
+        for f in fractions:  # Torch-Pruning at the channel ratio that removes the same MACs (secant steps)
+            ratio, got = f, None
+            for _ in range(3):
+                p, info = _peer(_torch_pruning_efficientnet, tmp / f"e-tp-{f}.onnx", ratio)
+                if not p:
+                    got = info
+                    break
+                # BN folded like onnxopt's output, so that MACs are counted the same way
+                p = onnxopt.compile(str(p), opt_level=2, verify_outputs=False).save(tmp / f"e-tp-{f}-O2.onnx")
+                removed = _reduction(base, model_macs(p, probe), base.keys())
+                got = (p, info)
+                if abs(removed - f) < 0.01 or not removed:
+                    break
+                ratio = min(0.9, ratio * f / removed)
+            res[f"torch_pruning_magnitude_matching{f}"] = entry(*got) if isinstance(got, tuple) else got
     return res
 
 
@@ -357,6 +425,58 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _method(key: str) -> str | None:
+    """The curve a result key belongs to: one per method at the default settings (onnxopt at the
+    default round and calibration; onnxsim's probe sparsities and its MAC-matched reruns together)."""
+    if key.startswith("onnxopt"):
+        return None if "round4" in key or "sentences" in key else "onnxopt"
+    if key.startswith("onnxsim"):
+        return "onnxsim 0.8"
+    if key.startswith("torch_pruning"):
+        return "Torch-Pruning (magnitude)"
+    return None
+
+
+def curves(results: dict) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per model, per method: (MACs removed, fidelity) points sorted by MACs, from the results."""
+    axes = {"digits": ("conv_macs_removed", "accuracy"), "minilm": ("encoder_macs_removed", "mean_cosine"),
+            "efficientnet": ("macs_removed", "top1_agreement")}
+    out: dict = {}
+    for model, (x, y) in axes.items():
+        for key, val in results.get(model, {}).items():
+            method = _method(key)
+            if method and isinstance(val, dict) and x in val and y in val:
+                out.setdefault(model, {}).setdefault(method, []).append((val[x], val[y]))
+    return {m: {k: sorted(v) for k, v in d.items()} for m, d in out.items()}
+
+
+def curves_png(results: dict) -> bytes | None:
+    """Fidelity against MACs removed, one panel per model, every method in the same run."""
+    from onnxopt.bench.plots import _COLORS, _png
+    from matplotlib.figure import Figure
+
+    data = curves(results)
+    if not data:
+        return None
+    titles = {"digits": ("digits CNN", "test accuracy"), "minilm": ("MiniLM-L6", "held-out mean cosine"),
+              "efficientnet": ("EfficientNet-Lite0", "top-1 agreement with dense")}
+    fig = Figure(figsize=(4.2 * len(data), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(data), squeeze=False)[0]
+    methods = sorted({k for d in data.values() for k in d}, key=lambda k: (k != "onnxopt", k))
+    for ax, (model, per) in zip(axes, data.items()):
+        for i, method in enumerate(methods):
+            if method in per:
+                xs, ys = zip(*per[method])
+                ax.plot([100 * v for v in xs], ys, marker="o", color=_COLORS[i % len(_COLORS)], label=method)
+        ax.set_title(titles[model][0])
+        ax.set_xlabel("MACs removed (%)")
+        ax.set_ylabel(titles[model][1])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("structured pruning without fine-tuning: fidelity on held-out data vs MACs removed", fontsize=10)
+    return _png(fig)
+
+
 BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet,
            "memory": bench_memory, "bert": bench_bert}
 
@@ -378,6 +498,9 @@ def main(argv=None) -> int:
         out = Path(args.output)
         out.write_text(json.dumps(results, indent=1, default=str))
         out.with_suffix(".md").write_text(markdown(results))
+        png = curves_png(results)
+        if png:
+            out.with_suffix(".png").write_bytes(png)
     return 0
 
 
