@@ -273,9 +273,29 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
     return res
 
 
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _noise_agreement(ref: np.ndarray, cosine: float, seed: int = 0) -> float:
+    """Top-1 agreement of the dense logits with themselves plus i.i.d. Gaussian noise (per row, a
+    fraction of the row's spread, found by bisection) whose mean cosine to them is `cosine`: how
+    much agreement any change of that logit error leaves on these crops, whatever made it."""
+    noise = np.random.default_rng(seed).standard_normal(ref.shape) * ref.std(1, keepdims=True)
+    lo, hi = 0.0, 4.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(_row_cosines(ref, ref + mid * noise)) > cosine else (lo, mid)
+    got = ref + (lo + hi) / 2 * noise
+    return float((got.argmax(1) == ref.argmax(1)).mean())
+
+
 def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_calib: int = 64, n_eval: int = 200) -> dict:
     """Top-1 agreement with the dense model on random crops of scikit-image photos (other seeds than
-    the calibration crops)."""
+    the calibration crops), the mean cosine of the logits, and for onnxopt's results the agreement
+    that i.i.d. noise of the same logit cosine gives (a control: the crops are ambiguous, their median
+    top-1/top-2 logit margin is about half the logits' standard deviation)."""
     import onnxopt
     from onnxopt.bench import zoo
     from onnxopt.bench.experiments.int8_bench import _photo_crops
@@ -284,24 +304,29 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
     calib = [{"input": x} for x in _photo_crops(n_calib, seed=1)]
     x_eval = np.concatenate(_photo_crops(n_eval, seed=2))
 
-    def top1(p):
+    def logits(p):
         s = _session(p)
-        return np.concatenate([s.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)]).argmax(1)
+        return np.concatenate([s.run(None, {"input": x_eval[i : i + 25]})[0] for i in range(0, len(x_eval), 25)])
 
-    ref = top1(path)
+    ref = logits(path)
     dense = onnxopt.compile(str(path), opt_level=2, verify_outputs=False).save(tmp / "effnet-O2.onnx")
     probe = {"input": x_eval[:1]}
     base = model_macs(dense, probe)
 
     def entry(p, info):
         m = model_macs(p, probe)
-        return {"top1_agreement": float((top1(p) == ref).mean()), "macs_removed": _reduction(base, m, base.keys()),
-                **info}
+        got = logits(p)
+        return {"top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+                "logit_cosine_mean": round(float(np.mean(_row_cosines(ref, got))), 5),
+                "macs_removed": _reduction(base, m, base.keys()), **info}
 
-    res = {"eval_crops": n_eval, "calibration_crops": n_calib, "dense_macs": base}
+    res = {"eval_crops": n_eval, "calibration_crops": n_calib, "dense_macs": base,
+           "top1_margin_median": round(float(np.median(np.diff(np.sort(ref, 1)[:, -2:], axis=1) / ref.std(1, keepdims=True))), 3)}
     for f in fractions:
         p, info = _onnxopt(path, calib, tmp / f"e-{f}.onnx", opt_level=2, prune=f)
-        res[f"onnxopt_O2_prune{f}"] = entry(p, info)
+        res[f"onnxopt_O2_prune{f}"] = e = entry(p, info)
+        # Control: the agreement that i.i.d. noise on the dense logits, at the same mean logit cosine, gives.
+        e["noise_control_agreement"] = _noise_agreement(ref, e["logit_cosine_mean"])
     if peers:
         for s in (0.1, 0.2, 0.3):
             p, info = _peer(_onnxsim, dense, calib[:32], tmp / f"e-sim-{s}.onnx", s)
@@ -412,8 +437,10 @@ def markdown(results: dict) -> str:
                          f"{val['min_cosine']} / mean {val['mean_cosine']} | {val.get('compile_s')} |")
     for key, val in results.get("efficientnet", {}).items():
         if isinstance(val, dict) and "top1_agreement" in val:
+            extra = (f", logit cosine {val['logit_cosine_mean']}" if "logit_cosine_mean" in val else "") + (
+                f", noise at that cosine {val['noise_control_agreement']:.1%}" if "noise_control_agreement" in val else "")
             lines.append(f"| EfficientNet-Lite0 | {key} | {val['macs_removed']:.1%} | top-1 agreement "
-                         f"{val['top1_agreement']:.1%} | {val.get('compile_s')} |")
+                         f"{val['top1_agreement']:.1%}{extra} | {val.get('compile_s')} |")
     bert = results.get("bert")
     if bert:
         r = bert["ratio_vs_O3"]
