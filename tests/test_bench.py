@@ -231,3 +231,23 @@ def test_peer_sparsity_matching_the_same_macs():
     assert _matched_sparsity({}, 0.25, "macs", 0.25) is None
     assert _matched_sparsity({"macs": 0.0}, 0.25, "macs", 0.25) is None
     assert _matched_sparsity({"macs": 0.1}, 0.25, "macs", 0.5) is None  # would need sparsity 1.25
+
+
+def test_prune_curves_group_results_by_method():
+    """The fidelity-vs-MACs figure has one curve per method at default settings, points in MAC order
+    (onnxsim's probe and MAC-matched runs on one curve; non-default onnxopt runs left out)."""
+    from onnxopt.bench.experiments.prune_bench import curves, curves_png
+
+    res = {"efficientnet": {
+        "onnxopt_O2_prune0.2": {"macs_removed": 0.2, "top1_agreement": 0.85},
+        "onnxopt_O2_prune0.1": {"macs_removed": 0.1, "top1_agreement": 0.9},
+        "onnxsim_O2_sparsity0.1": {"macs_removed": 0.09, "top1_agreement": 0.3},
+        "onnxsim_O2_sparsity0.107_matching0.1": {"macs_removed": 0.1, "top1_agreement": 0.28},
+        "torch_pruning_magnitude_matching0.1": {"error": "ImportError: no torch_pruning"},
+        "dense_macs": {"Conv": 1.0}},
+        "digits": {"onnxopt_prune0.3_round4": {"conv_macs_removed": 0.4, "accuracy": 0.99}}}
+    got = curves(res)
+    assert got == {"efficientnet": {"onnxopt": [(0.1, 0.9), (0.2, 0.85)],
+                                    "onnxsim 0.8": [(0.09, 0.3), (0.1, 0.28)]}}
+    assert curves_png(res)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert curves_png({}) is None
