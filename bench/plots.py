@@ -6,6 +6,8 @@ speedup_png: per model, the speedup of each measurement over the baseline (see c
   line at 1x; bars right of it are faster than the baseline; whiskers show the interquartile range of
   the per-round ratios when the measurements alternated in one run.
 Colors follow the device when there are several, else the variant.
+fidelity_curves_png: one panel per model, a line per method through its (x, fidelity) points (the
+  pruning benchmark: fidelity on held-out data against the MACs removed).
 """
 
 from __future__ import annotations
@@ -144,3 +146,23 @@ def figures(comp: Comparison) -> list[tuple[str, bytes]]:
         if png is not None:
             out.append((title, png))
     return out
+
+
+def fidelity_curves_png(panels: dict, title: str, xlabel: str, first: str | None = None) -> bytes:
+    """`panels`: {(panel title, y label): {method: [(x fraction, y), ...]}}; x is drawn in percent.
+    Each method keeps one color across panels; `first` is listed (and colored) first."""
+    methods = sorted({k for per in panels.values() for k in per}, key=lambda k: (k != first, k))
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, ((name, ylabel), per) in zip(axes, panels.items()):
+        for i, method in enumerate(methods):
+            if method in per:
+                xs, ys = zip(*per[method])
+                ax.plot([100 * v for v in xs], ys, marker="o", color=_COLORS[i % len(_COLORS)], label=method)
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxopt.bench.fingerprint import machine
+from onnxopt.bench.experiments.fp16_bench import _cos_rows
 from onnxopt.bench.experiments.int8_bench import N_CALIB_SENTENCES, N_HELD_OUT_SENTENCES, _cos, _embed, _minilm_feeds, _peer, _session, real_sentences
 
 
@@ -273,11 +274,6 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
     return res
 
 
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def _noise_agreement(ref: np.ndarray, cosine: float, seed: int = 0) -> float:
     """Top-1 agreement of the dense logits with themselves plus i.i.d. Gaussian noise (per row, a
     fraction of the row's spread, found by bisection) whose mean cosine to them is `cosine`: how
@@ -286,7 +282,7 @@ def _noise_agreement(ref: np.ndarray, cosine: float, seed: int = 0) -> float:
     lo, hi = 0.0, 4.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.mean(_row_cosines(ref, ref + mid * noise)) > cosine else (lo, mid)
+        lo, hi = (mid, hi) if np.mean(_cos_rows(ref, ref + mid * noise)) > cosine else (lo, mid)
     got = ref + (lo + hi) / 2 * noise
     return float((got.argmax(1) == ref.argmax(1)).mean())
 
@@ -317,7 +313,7 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
         m = model_macs(p, probe)
         got = logits(p)
         return {"top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
-                "logit_cosine_mean": round(float(np.mean(_row_cosines(ref, got))), 5),
+                "logit_cosine_mean": round(float(np.mean(_cos_rows(ref, got))), 5),
                 "macs_removed": _reduction(base, m, base.keys()), **info}
 
     res = {"eval_crops": n_eval, "calibration_crops": n_calib, "dense_macs": base,
@@ -478,30 +474,15 @@ def curves(results: dict) -> dict[str, dict[str, list[tuple[float, float]]]]:
 
 
 def curves_png(results: dict) -> bytes | None:
-    """Fidelity against MACs removed, one panel per model, every method in the same run."""
-    from onnxopt.bench.plots import _COLORS, _png
-    from matplotlib.figure import Figure
+    """The curves of `results` as one figure (bench/plots.py), None when there are none."""
+    from onnxopt.bench.plots import fidelity_curves_png
 
     data = curves(results)
-    if not data:
-        return None
     titles = {"digits": ("digits CNN", "test accuracy"), "minilm": ("MiniLM-L6", "held-out mean cosine"),
               "efficientnet": ("EfficientNet-Lite0", "top-1 agreement with dense")}
-    fig = Figure(figsize=(4.2 * len(data), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(data), squeeze=False)[0]
-    methods = sorted({k for d in data.values() for k in d}, key=lambda k: (k != "onnxopt", k))
-    for ax, (model, per) in zip(axes, data.items()):
-        for i, method in enumerate(methods):
-            if method in per:
-                xs, ys = zip(*per[method])
-                ax.plot([100 * v for v in xs], ys, marker="o", color=_COLORS[i % len(_COLORS)], label=method)
-        ax.set_title(titles[model][0])
-        ax.set_xlabel("MACs removed (%)")
-        ax.set_ylabel(titles[model][1])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("structured pruning without fine-tuning: fidelity on held-out data vs MACs removed", fontsize=10)
-    return _png(fig)
+    return fidelity_curves_png({titles[m]: per for m, per in data.items()},
+                               "structured pruning without fine-tuning: fidelity on held-out data vs MACs removed",
+                               "MACs removed (%)", first="onnxopt") if data else None
 
 
 BENCHES = {"digits": bench_digits, "minilm": bench_minilm, "efficientnet": bench_efficientnet,
