@@ -413,11 +413,16 @@ def test_measured_costs_follow_the_measured_curve():
 
 def test_sample_roles_and_damping():
     """Every fifth sample is held out, the one before validates the sensitivity measurements, the rest
-    fit the statistics; a Gram with fewer rows than features is damped harder."""
-    from onnxopt.passes.prune.structured import _role
+    fit the statistics, and so do the slots past the held-out and validation samples the pass keeps;
+    a Gram with fewer rows than features is damped harder."""
+    from onnxopt.passes.prune.structured import HELDOUT_SAMPLES, VALIDATION_SAMPLES, _role
 
     roles = [_role(k) for k in range(10)]
     assert roles.count("held") == 2 and roles.count("validation") == 2 and roles.count("fit") == 6
+    roles = [_role(k) for k in range(640)]
+    assert roles.count("held") == HELDOUT_SAMPLES and roles.count("validation") == VALIDATION_SAMPLES
+    assert _role(5 * VALIDATION_SAMPLES + 3) == "fit" and _role(5 * VALIDATION_SAMPLES - 2) == "validation"
+    assert _role(5 * HELDOUT_SAMPLES + 4) == "fit" and _role(5 * HELDOUT_SAMPLES - 1) == "held"
     few, many = K.Gram(100), K.Gram(100)
     few.update(RNG.normal(size=(10, 100)))
     many.update(RNG.normal(size=(1000, 100)))
