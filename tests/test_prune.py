@@ -423,6 +423,8 @@ def test_sample_roles_and_damping():
     assert roles.count("held") == HELDOUT_SAMPLES and roles.count("validation") == VALIDATION_SAMPLES
     assert _role(5 * VALIDATION_SAMPLES + 3) == "fit" and _role(5 * VALIDATION_SAMPLES - 2) == "validation"
     assert _role(5 * HELDOUT_SAMPLES + 4) == "fit" and _role(5 * HELDOUT_SAMPLES - 1) == "held"
+    # BERT at sequence 128 keeps 4 validation samples: the later validation slots fit.
+    assert _role(5 * 4 + 3, validation=4) == "fit" and _role(5 * 3 + 3, validation=4) == "validation"
     few, many = K.Gram(100), K.Gram(100)
     few.update(RNG.normal(size=(10, 100)))
     many.update(RNG.normal(size=(1000, 100)))

@@ -66,15 +66,16 @@ from onnxopt.passes.registry import register
 HOLDOUT_EVERY = 5
 
 
-def _role(k: int) -> str:
+def _role(k: int, validation: int | None = None) -> str:
     """Sample k's part: every fifth is held out (fidelity), the one before it validates (the
     sensitivity measurements, which must not see the samples the statistics were fitted on), the
-    rest fit; past the first HELDOUT_SAMPLES held-out and VALIDATION_SAMPLES validation slots, the
-    slots fit too (no sample is read for nothing: 95 of 128 samples fit, not 77)."""
+    rest fit; past the first HELDOUT_SAMPLES held-out slots and the first `validation` validation
+    slots (default VALIDATION_SAMPLES; the probe may keep fewer), the slots fit too: no sample is
+    read for nothing (MiniLM, 128 samples: 95 fit, not 77)."""
     r, cycle = k % HOLDOUT_EVERY, k // HOLDOUT_EVERY
     if r == HOLDOUT_EVERY - 1 and cycle < HELDOUT_SAMPLES:
         return "held"
-    if r == HOLDOUT_EVERY - 2 and cycle < VALIDATION_SAMPLES:
+    if r == HOLDOUT_EVERY - 2 and cycle < (VALIDATION_SAMPLES if validation is None else validation):
         return "validation"
     return "fit"
 
@@ -167,14 +168,15 @@ class _GramJob:
     bias: tuple[bool, ...]
     mask: str | None
     trim: bool
+    validation: int
 
 
 def _gram_shard(session, shard, job: _GramJob) -> list:
-    """The Gram of every consumer's input rows over one shard's calibration samples (held-out ones,
-    every HOLDOUT_EVERY-th of the whole source, left out); None where the shard gave no rows."""
+    """The Gram of every consumer's input rows over one shard's fit samples (_role, by index in the
+    whole source); None where the shard gave no rows."""
     grams: list = [None] * len(job.acts)
     for i, feed in enumerate(shard.samples(list(job.specs))):
-        if _role(shard.start + i) != "fit":
+        if _role(shard.start + i, job.validation) != "fit":
             continue
         if job.trim:
             feed = TM.trim(feed, job.mask) or feed
@@ -365,7 +367,7 @@ class PrunePass(OptPass):
         for k, feed in enumerate(it):
             if self._trim:
                 feed = TM.trim(feed, self._mask) or feed
-            yield k, _role(k), feed
+            yield k, _role(k, self._validation), feed
 
     # ---- the pass -----------------------------------------------------------------------------
 
@@ -412,6 +414,7 @@ class PrunePass(OptPass):
         val, held = [], []  # validation samples (sensitivity), held-out samples (fidelity)
         val_rows = 0
         self._trim = False
+        self._validation = None  # validation slots the probe keeps (the later ones fit)
         for k, role, feed in self._stream(model, "probe"):
             if k == 0:
                 names = out_names + [v.name for v in values if v.name not in out_names]
@@ -436,6 +439,7 @@ class PrunePass(OptPass):
             if role != "fit":
                 (held if role == "held" else val).append((feed, ref))
         del probe
+        self._validation = len(val)
         clock("probe")
         if not held or not val:
             raise CalibrationError(f"pruning needs at least {HOLDOUT_EVERY} calibration samples "
@@ -481,7 +485,7 @@ class PrunePass(OptPass):
         source = calibration_data.open_source(self._data, model, opts.get("calibration_samples"))
         job = _GramJob(tuple(calibration_data.input_specs(model)), tuple(tuner.acts),
                        tuple(_row_spec(c) for c in consumers), tuple(tuner.has_bias(jj) for jj in range(len(consumers))),
-                       self._mask, self._trim)
+                       self._mask, self._trim, self._validation)
 
         def take(index: int, shard_grams: list) -> None:
             for jj, g in enumerate(shard_grams):
