@@ -251,3 +251,31 @@ def test_prune_curves_group_results_by_method():
                                     "onnxsim 0.8": [(0.09, 0.3), (0.1, 0.28)]}}
     assert curves_png(res)[:8] == b"\x89PNG\r\n\x1a\n"
     assert curves_png({}) is None
+
+
+def test_prune_results_get_size_and_latency(cnn, tmp_path):
+    """Every prune-benchmark result with a model file gets its parameter count, file size and
+    latency beside the dense model's (and the A/A control); results without one are left alone."""
+    from onnxopt.bench.experiments.prune_bench import _add_size_and_latency, _footprint, markdown
+
+    model = onnx.load(str(cnn))
+    params = sum(onnx.numpy_helper.to_array(t).size for t in model.graph.initializer)
+    params += sum(onnx.numpy_helper.to_array(a.t).size for n in model.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value")
+    assert _footprint(cnn) == {"params_in_file": params, "file_mb": round(cnn.stat().st_size / 2**20, 2)}
+    # The same model stored with its weights in an external file: the same parameters, both files counted.
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=0)
+    got = _footprint(ext)
+    assert got["params_in_file"] == params
+    assert got["file_mb"] == round((ext.stat().st_size + (tmp_path / "ext.data").stat().st_size) / 2**20, 2)
+    res = {"digits": {"onnxopt_prune0.3_round8": {"accuracy": 0.99, "conv_macs_removed": 0.4, "_path": str(ext)},
+                      "onnxsim_sparsity0.1": {"error": "ImportError"}, "fp32_accuracy": 0.99}}
+    feed = {"input": zoo.sample_feeds("cnn", cnn, seed=0)["input"]}
+    _add_size_and_latency(res["digits"], cnn, feed, rounds=2, per_round=3)
+    r = res["digits"]["onnxopt_prune0.3_round8"]
+    assert "_path" not in r and r["params_in_file"] == params and r["latency_vs_dense"] > 0
+    assert res["digits"]["onnxsim_sparsity0.1"] == {"error": "ImportError"}
+    assert res["digits"]["latency_aa_control"] > 0 and res["digits"]["dense_footprint"]["params_in_file"] == params
+    assert f"{r['latency_vs_dense']}x" in markdown(res)

@@ -24,6 +24,10 @@
 * bert: BERT-base (zoo, random weights), speed only: --prune 0.4 compile time, latency of the pruned
   model and of the pruned model with --int8 beside -O3 (alternating rounds, A/A control).
 
+Every digits, MiniLM and EfficientNet result also gets its parameters, file size and batch-1 latency
+beside the dense model's (alternating rounds, onnxruntime's default optimizations, 2 threads, an A/A
+copy of the dense model as the control).
+
 Output: the JSON, a markdown table beside it (.md) and the fidelity-vs-MACs curves of every method (.png).
 
 MACs: Conv/MatMul/Gemm/Attention multiply-accumulates of one batch-1 run, counted on each model
@@ -169,6 +173,42 @@ def _torch_pruning_efficientnet(out: Path, ratio: float):
     return out, {"compile_s": round(time.perf_counter() - t, 1), "pruning_ratio": round(ratio, 4)}
 
 
+def _footprint(path: Path) -> dict:
+    """Parameters (elements of every initializer and Constant tensor) and bytes on disk (the .onnx
+    and the external data files it names) of one model."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    files = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+             for e in t.external_data if e.key == "location"}
+    size = path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
+    return {"params_in_file": int(sum(numpy_helper.to_array(t).size for t in tensors)), "file_mb": round(size / 2**20, 2)}
+
+
+def _add_size_and_latency(res: dict, dense: Path, feed: dict, rounds: int = 6, per_round: int = 10) -> None:
+    """Every result with a model file (its "_path") gets its parameters, file size and batch-1
+    latency beside the dense model's: alternating rounds, onnxruntime's default optimizations, 2
+    threads, an A/A copy of the dense model as the control; `latency_vs_dense` is the median of the
+    per-round ratios. The model files are temporary: the paths are dropped."""
+    from onnxopt.bench import timing
+
+    paths = {k: Path(v.pop("_path")) for k, v in res.items() if isinstance(v, dict) and "_path" in v}
+    for k, p in paths.items():
+        res[k].update(_footprint(p))
+    variants = {"dense": Path(dense), "dense_copy": Path(dense), **paths}
+    lat = timing.alternating({k: timing.session(p, threads=2) for k, p in variants.items()}, feed, rounds,
+                             per_round, warmup=3)
+    for k in paths:
+        res[k]["latency_ms_p50"] = round(lat[k]["p50"], 3)
+        res[k]["latency_vs_dense"] = timing.round_ratios(lat[k], lat["dense"])["median"]
+    res["dense_footprint"] = _footprint(Path(dense))
+    res["dense_latency_ms_p50"] = round(lat["dense"]["p50"], 3)
+    res["latency_aa_control"] = timing.round_ratios(lat["dense_copy"], lat["dense"])["median"]
+
+
 def _reduction(base: dict, got: dict, ops) -> float:
     b = sum(v for k, v in base.items() if k in ops)
     g = sum(v for k, v in got.items() if k in ops)
@@ -205,7 +245,7 @@ def bench_digits(tmp: Path, peers: bool) -> dict:
     def entry(p, info):
         m = model_macs(p, probe)
         return {"accuracy": acc(p), "conv_macs_removed": _reduction(base, m, ("Conv",)),
-                "all_macs_removed": _reduction(base, m, base.keys()), **info}
+                "all_macs_removed": _reduction(base, m, base.keys()), "_path": str(p), **info}
 
     for f, rnd in ((0.3, 4), (0.5, 4), (0.3, 8), (0.5, 8)):
         p, info = _onnxopt(path, feeds, tmp / f"d-{f}-{rnd}.onnx", opt_level=2, prune=f, prune_round=rnd)
@@ -217,6 +257,7 @@ def bench_digits(tmp: Path, peers: bool) -> dict:
         for r in (0.2, 0.3, 0.5):
             p, info = _peer(_torch_pruning_digits, tmp / f"d-tp-{r}.onnx", r)
             res[f"torch_pruning_magnitude_ratio{r}"] = entry(p, info) if p else info
+    _add_size_and_latency(res, dense, probe)
     return res
 
 
@@ -243,8 +284,7 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
         cos = [_cos(a, b) for a, b in zip(ref, got)]
         m = model_macs(p, held[0])
         return {"min_cosine": round(min(cos), 4), "mean_cosine": round(float(np.mean(cos)), 4),
-                "encoder_macs_removed": _reduction(base, m, ("MatMul", "Attention")), "file_mb":
-                round(Path(p).stat().st_size / 2**20, 1) if Path(p).exists() else None, **info}
+                "encoder_macs_removed": _reduction(base, m, ("MatMul", "Attention")), "_path": str(p), **info}
 
     res = {"held_out_sentences": len(held), "calibration_samples": len(calib), "dense_macs": base}
     for f in fractions:
@@ -271,6 +311,7 @@ def bench_minilm(tmp: Path, peers: bool, fractions=(0.25, 0.5)) -> dict:
             if p:  # fused like onnxopt's output, so that MACs are counted the same way
                 p = onnxopt.compile(str(p), opt_level=3, verify_outputs=False).save(tmp / f"m-tp-{r}-O3.onnx")
             res[f"torch_pruning_magnitude_ratio{r}"] = entry(p, info) if p else info
+    _add_size_and_latency(res, dense, held[0])
     return res
 
 
@@ -314,7 +355,7 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
         got = logits(p)
         return {"top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
                 "logit_cosine_mean": round(float(np.mean(_cos_rows(ref, got))), 5),
-                "macs_removed": _reduction(base, m, base.keys()), **info}
+                "macs_removed": _reduction(base, m, base.keys()), "_path": str(p), **info}
 
     res = {"eval_crops": n_eval, "calibration_crops": n_calib, "dense_macs": base,
            "top1_margin_median": round(float(np.median(np.diff(np.sort(ref, 1)[:, -2:], axis=1) / ref.std(1, keepdims=True))), 3)}
@@ -347,6 +388,7 @@ def bench_efficientnet(tmp: Path, peers: bool, fractions=(0.1, 0.2, 0.3), n_cali
                     break
                 ratio = min(0.9, ratio * f / removed)
             res[f"torch_pruning_magnitude_matching{f}"] = entry(*got) if isinstance(got, tuple) else got
+    _add_size_and_latency(res, dense, probe)
     return res
 
 
@@ -421,22 +463,37 @@ def bench_bert(tmp: Path, peers: bool, fraction: float = 0.4, n_calib: int = 128
             "ratio_vs_O3": ratios, **({"ort_dynamic_error": peer_info["error"]} if "error" in peer_info else {})}
 
 
+def _size_cols(val: dict) -> str:
+    """The parameters, file size and latency columns of one result ('-' where not measured)."""
+    n = val.get("params_in_file")
+    params = "-" if n is None else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+    size = f"{val['file_mb']} MB" if val.get("file_mb") is not None else "-"
+    lat = f"{val['latency_vs_dense']}x" if "latency_vs_dense" in val else "-"
+    return f"{params} | {size} | {lat}"
+
+
 def markdown(results: dict) -> str:
-    lines = ["| model | method | MACs removed | fidelity | compile s |", "|---|---|---|---|---|"]
+    lines = ["| model | method | MACs removed | fidelity | params | file | latency vs dense | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, val in results.get("digits", {}).items():
         if isinstance(val, dict) and "accuracy" in val:
             lines.append(f"| digits CNN | {key} | conv {val['conv_macs_removed']:.1%} | accuracy {val['accuracy']:.2%} "
-                         f"(fp32 {results['digits']['fp32_accuracy']:.2%}) | {val.get('compile_s')} |")
+                         f"(fp32 {results['digits']['fp32_accuracy']:.2%}) | {_size_cols(val)} | {val.get('compile_s')} |")
     for key, val in results.get("minilm", {}).items():
         if isinstance(val, dict) and "min_cosine" in val:
             lines.append(f"| MiniLM-L6 | {key} | encoder {val['encoder_macs_removed']:.1%} | held-out cosine min "
-                         f"{val['min_cosine']} / mean {val['mean_cosine']} | {val.get('compile_s')} |")
+                         f"{val['min_cosine']} / mean {val['mean_cosine']} | {_size_cols(val)} | {val.get('compile_s')} |")
     for key, val in results.get("efficientnet", {}).items():
         if isinstance(val, dict) and "top1_agreement" in val:
             extra = (f", logit cosine {val['logit_cosine_mean']}" if "logit_cosine_mean" in val else "") + (
                 f", noise at that cosine {val['noise_control_agreement']:.1%}" if "noise_control_agreement" in val else "")
             lines.append(f"| EfficientNet-Lite0 | {key} | {val['macs_removed']:.1%} | top-1 agreement "
-                         f"{val['top1_agreement']:.1%}{extra} | {val.get('compile_s')} |")
+                         f"{val['top1_agreement']:.1%}{extra} | {_size_cols(val)} | {val.get('compile_s')} |")
+    for model, name in (("digits", "digits CNN"), ("minilm", "MiniLM-L6"), ("efficientnet", "EfficientNet-Lite0")):
+        r = results.get(model, {})
+        if "dense_footprint" in r:
+            lines.append(f"| {name} | dense (latency {r['dense_latency_ms_p50']} ms, A/A {r['latency_aa_control']}x) | 0 | - | "
+                         f"{_size_cols({**r['dense_footprint'], 'latency_vs_dense': 1.0})} | - |")
     bert = results.get("bert")
     if bert:
         r = bert["ratio_vs_O3"]
@@ -444,7 +501,7 @@ def markdown(results: dict) -> str:
                      f"latency {r['pruned']['median']}x of -O3 (A/A {r['O3_copy']['median']}x); + int8 "
                      f"{r['pruned_int8']['median']}x" + (f" (onnxruntime quantize_dynamic: {r['pruned_ort_dynamic_int8']['median']}x)"
                                                           if "pruned_ort_dynamic_int8" in r else "") +
-                     f" | {bert['prune_compile_s']} |")
+                     f" | - | - | - | {bert['prune_compile_s']} |")
     return "\n".join(lines) + "\n"
 
 
