@@ -27,6 +27,13 @@ import numpy as np
 # sentences, pooled-embedding cosine min / mean): 0.01 -> 0.830 / 0.952, 0.1 -> 0.870 / 0.959,
 # 1.0 -> 0.869 / 0.947.
 DAMP = 0.1
+# Half of that damping is proportional to each feature's own energy (diag G, Marquardt's form of
+# Levenberg's damping), half uniform: features of very different scales (GELU outputs of an FFN,
+# im2col patches) are each shrunk in proportion, not the weak ones swamped by a uniform term.
+# Measured (MiniLM 160 held-out sentences, pooled-embedding cosine mean; EfficientNet-Lite0 mean
+# logit cosine on 200 crops), uniform -> half and half: MiniLM 25% 0.9603 -> 0.9613, 50% 0.8889 ->
+# 0.8905; EfficientNet 20% 0.9818 -> 0.9834. All of it proportional: MiniLM 25% 0.9598.
+DAMP_DIAGONAL = 0.5
 
 
 def damping(gram: "Gram") -> float:
@@ -127,8 +134,10 @@ def im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
 
 
 def _damped(g: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    lam = damp * max(float(np.mean(np.diag(g))), 1e-12)
-    return g + lam * np.eye(g.shape[0])
+    """G + damp * (DAMP_DIAGONAL * diag(G) + (1 - DAMP_DIAGONAL) * mean(diag(G)) I)."""
+    m = max(float(np.mean(np.diag(g))), 1e-12)
+    d = np.maximum(np.diag(g), 1e-6 * m)
+    return g + np.diag(damp * (DAMP_DIAGONAL * d + (1.0 - DAMP_DIAGONAL) * m))
 
 
 def _quad(w: np.ndarray, g: np.ndarray) -> float:
