@@ -188,19 +188,25 @@ def _footprint(path: Path) -> dict:
     return {"params_in_file": int(sum(numpy_helper.to_array(t).size for t in tensors)), "file_mb": round(size / 2**20, 2)}
 
 
-def _add_size_and_latency(res: dict, dense: Path, feed: dict, rounds: int = 6, per_round: int = 10) -> None:
+def _add_size_and_latency(res: dict, dense: Path, feed: dict, rounds: int = 6, per_round: int | None = None) -> None:
     """Every result with a model file (its "_path") gets its parameters, file size and batch-1
     latency beside the dense model's: alternating rounds, onnxruntime's default optimizations, 2
     threads, an A/A copy of the dense model as the control; `latency_vs_dense` is the median of the
-    per-round ratios. The model files are temporary: the paths are dropped."""
+    per-round ratios. A round of a variant runs about 50 ms of the dense model (10 to 1000 runs:
+    the digits CNN takes 26 us a run). The model files are temporary: the paths are dropped."""
     from onnxopt.bench import timing
 
     paths = {k: Path(v.pop("_path")) for k, v in res.items() if isinstance(v, dict) and "_path" in v}
     for k, p in paths.items():
         res[k].update(_footprint(p))
     variants = {"dense": Path(dense), "dense_copy": Path(dense), **paths}
-    lat = timing.alternating({k: timing.session(p, threads=2) for k, p in variants.items()}, feed, rounds,
-                             per_round, warmup=3)
+    sessions = {k: timing.session(p, threads=2) for k, p in variants.items()}
+    if per_round is None:
+        t = time.perf_counter()
+        for _ in range(20):
+            sessions["dense"].run(None, feed)
+        per_round = int(np.clip(0.05 / ((time.perf_counter() - t) / 20), 10, 1000))
+    lat = timing.alternating(sessions, feed, rounds, per_round, warmup=3)
     for k in paths:
         res[k]["latency_ms_p50"] = round(lat[k]["p50"], 3)
         res[k]["latency_vs_dense"] = timing.round_ratios(lat[k], lat["dense"])["median"]
