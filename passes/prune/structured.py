@@ -553,10 +553,13 @@ class PrunePass(OptPass):
             return sum(m * (1.0 - float(np.prod([kept[i] for i in idx]))) for m, idx in layers.values())
 
         self.details.update({"prunable_macs": prunable, "groups_considered": len(ok)})
-        attempts = []
+        attempts, tried = [], set()
         for scale in (1.0, *BACKOFF) if min_cos is not None else (1.0,):
             budget = fraction * scale
             taken = K.allocate(chunks, scaled, saving, budget * prunable)
+            if tuple(taken) in tried:  # a smaller budget that still takes the same chunks (coarse groups)
+                continue
+            tried.add(tuple(taken))
             removed = [sum(s[:t]) for s, t in zip(chunks, taken)]
             fitted = self._refit(model, tuner, ok, slots, seq, first, orders, removed, inverses)
             clock("reconstruction")
