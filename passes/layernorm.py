@@ -340,8 +340,9 @@ class _NormPass(OptPass):
             inputs = [norm.x, norm.gamma] + ([norm.beta] if norm.beta is not None else [])
             attrs = [ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", norm.epsilon), ir.AttrInt64("stash_type", 1)]
             return ir.Node("", name, inputs, attributes=attrs, name=f"{base}.{name}")
-        need(self.ort, f"opset {opset} has no {name} (needs {needed}; --opset {needed} upgrades the model, "
-              "-O3 for an onnxruntime target uses its fused kernel)")
+        need(self.ort, f"opset {opset} has no {name} (needs {needed}; --opset {needed} upgrades the model; "
+              "-O3 --target cuda uses onnxruntime's fused kernel, and onnxruntime's CPU session fuses the "
+              "decomposed form itself)")
         fused = "SkipLayerNormalization" if layer else "SkipSimplifiedLayerNormalization"
         lib.need_kernel(self.options.get("target", "cpu"), fused, dtype)
         rank = shapes.rank(norm.x)
