@@ -175,17 +175,17 @@ def _torch_pruning_efficientnet(out: Path, ratio: float):
 
 def _footprint(path: Path) -> dict:
     """Parameters (elements of every initializer and Constant tensor) and bytes on disk (the .onnx
-    and the external data files it names) of one model."""
+    and the external data files it names, bench/runner.py's count) of one model."""
     import onnx
     from onnx import numpy_helper
+
+    from onnxopt.bench.runner import _size_with_data
 
     model = onnx.load(str(path))
     tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
                                                for a in n.attribute if a.name == "value"]
-    files = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
-             for e in t.external_data if e.key == "location"}
-    size = path.stat().st_size + sum((path.parent / f).stat().st_size for f in files)
-    return {"params_in_file": int(sum(numpy_helper.to_array(t).size for t in tensors)), "file_mb": round(size / 2**20, 2)}
+    return {"params_in_file": int(sum(numpy_helper.to_array(t).size for t in tensors)),
+            "file_mb": round(_size_with_data(path) / 2**20, 2)}
 
 
 def _add_size_and_latency(res: dict, dense: Path, feed: dict, rounds: int = 6, per_round: int | None = None) -> None:
