@@ -427,7 +427,7 @@ class PrunePass(OptPass):
                 if self._trim:
                     feed = TM.trim(feed, self._mask)
                     outs = probe.run(out_names, feed)
-            elif (role == "held" and len(held) < HELDOUT_SAMPLES) or (role == "validation" and (
+            elif role == "held" or (role == "validation" and (
                     len(val) < VALIDATION_MIN or (len(val) < VALIDATION_SAMPLES and val_rows < VALIDATION_ROWS))):
                 outs = probe.run(out_names, feed)
             else:
